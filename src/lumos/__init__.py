@@ -1,0 +1,1 @@
+"""lumos: see where a vision model looks."""

@@ -1,0 +1,133 @@
+"""Turning one map into pixels: colormaps, overlays, signed and grayscale renderings."""
+
+from __future__ import annotations
+
+import numpy as np
+from matplotlib.colors import Colormap
+from PIL import Image
+
+from lumos.render._convert import ImageLike, MapLike, get_colormap, to_numpy_map, to_pil_image
+
+Size = tuple[int, int]  # (width, height), as in PIL
+
+
+def normalize_map(map: MapLike, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
+    """Scale a map linearly so ``vmin -> 0`` and ``vmax -> 1``, clipping outside; float32 HxW.
+
+    ``vmin``/``vmax`` default to the map's own min/max. A constant map (``vmax == vmin``) gives zeros.
+    """
+    m = to_numpy_map(map)
+    lo = float(m.min()) if vmin is None else float(vmin)
+    hi = float(m.max()) if vmax is None else float(vmax)
+    if vmin is not None and vmax is not None and vmin > vmax:
+        raise ValueError(f"vmin ({vmin:g}) must not be greater than vmax ({vmax:g})")
+    if not hi > lo:
+        return np.zeros_like(m)
+    return np.clip((m - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _resize(m: np.ndarray, size: Size | None) -> np.ndarray:
+    """Bilinear (Pillow) resize of a float map to ``size=(width, height)``."""
+    if size is None or (m.shape[1], m.shape[0]) == tuple(size):
+        return m
+    width, height = (int(s) for s in size)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"size must be a positive (width, height), got {size!r}")
+    resized = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(
+        (width, height), Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, dtype=np.float32)
+
+
+def _apply_colormap(unit: np.ndarray, colormap: str | Colormap) -> np.ndarray:
+    """Map values in [0, 1] to HxWx3 uint8 colours, exactly as ``cmap(x, bytes=True)`` does."""
+    cmap = get_colormap(colormap)
+    return np.ascontiguousarray(cmap(np.clip(unit, 0.0, 1.0), bytes=True)[..., :3])
+
+
+def colorize(
+    map: MapLike,
+    colormap: str | Colormap = "jet",
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> np.ndarray:
+    """Colour a 2-D map with a matplotlib colormap; returns HxWx3 uint8.
+
+    The map is scaled with :func:`normalize_map` (its own min/max unless ``vmin``/``vmax`` are given);
+    pass ``vmin=0, vmax=1`` to show an already-normalised map on an absolute scale.
+    """
+    cmap = get_colormap(colormap)  # fail on a bad name before any work
+    return _apply_colormap(normalize_map(map, vmin, vmax), cmap)
+
+
+def overlay(
+    image: ImageLike,
+    map: MapLike,
+    colormap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Image.Image:
+    """Blend a colourised map over ``image``; returns an RGB image of the image's original size.
+
+    The map is normalised (see :func:`colorize`), resized bilinearly to the image size, colourised and
+    blended as ``(1 - alpha) * image + alpha * heatmap``: ``alpha=0`` is the image, ``alpha=1`` the heatmap.
+    """
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    cmap = get_colormap(colormap)
+    pil = to_pil_image(image)
+    unit = _resize(normalize_map(map, vmin, vmax), pil.size)
+    heat = _apply_colormap(unit, cmap).astype(np.float32)
+    base = np.asarray(pil, dtype=np.float32)
+    blended = (1.0 - alpha) * base + alpha * heat
+    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+
+
+def signed_map_image(
+    map: MapLike,
+    colormap: str | Colormap = "bwr",
+    *,
+    vmax: float | None = None,
+    size: Size | None = None,
+) -> Image.Image:
+    """Render a signed attribution with a diverging colormap, symmetric around zero.
+
+    Zero maps to the colormap's centre, ``+vmax`` to its top end and ``-vmax`` to its bottom end;
+    ``vmax`` defaults to ``max(|map|)``. ``size=(width, height)`` resizes the map bilinearly first.
+    """
+    cmap = get_colormap(colormap)
+    m = _resize(to_numpy_map(map), size)
+    scale = float(np.abs(m).max()) if vmax is None else float(vmax)
+    if scale < 0:
+        raise ValueError(f"vmax must be non-negative, got {vmax!r}")
+    unit = np.full_like(m, 0.5) if scale == 0 else 0.5 + 0.5 * np.clip(m / scale, -1.0, 1.0)
+    return Image.fromarray(_apply_colormap(unit, cmap))
+
+
+def grayscale_map_image(
+    map: MapLike,
+    *,
+    absolute: bool = False,
+    clip_percentile: float | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    size: Size | None = None,
+) -> Image.Image:
+    """Render a saliency map in grayscale (white = most salient), mode ``"L"``.
+
+    ``absolute=True`` takes ``|map|`` first (gradient saliency, Simonyan et al.); ``clip_percentile``
+    (e.g. 99, as in SmoothGrad) caps ``vmax`` at that percentile so a few outliers do not wash out the
+    rest. Otherwise scaled by min/max (or ``vmin``/``vmax``). ``size=(width, height)`` resizes first.
+    """
+    m = to_numpy_map(map)
+    if absolute:
+        m = np.abs(m)
+    if clip_percentile is not None:
+        if not 0.0 < float(clip_percentile) <= 100.0:
+            raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile!r}")
+        if vmax is None:
+            vmax = float(np.percentile(m, clip_percentile))
+    unit = _resize(normalize_map(m, vmin, vmax), size)
+    return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8))

@@ -163,6 +163,8 @@ def test_signed_map_symmetric_when_only_positive():
     # a purely positive map must not stretch its minimum to the blue end
     px = np.asarray(signed_map_image(np.array([[0.0, 1.0]]), "bwr"))[0]
     np.testing.assert_array_equal(px[0], cmap_bytes("bwr", 0.5))
+    outlier = np.asarray(signed_map_image(np.array([[-1.0] + [0.0] * 98 + [50.0]]), clip_percentile=98))
+    np.testing.assert_array_equal(outlier[0, 0], cmap_bytes("bwr", 0.0))
     zeros = np.asarray(signed_map_image(np.zeros((2, 2)), "bwr"))
     assert (zeros == cmap_bytes("bwr", 0.5)).all()
 

@@ -39,6 +39,12 @@ def _resize(m: np.ndarray, size: Size | None) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32)
 
 
+def _check_percentile(p: float) -> float:
+    if not 0.0 < float(p) <= 100.0:
+        raise ValueError(f"clip_percentile must be in (0, 100], got {p!r}")
+    return float(p)
+
+
 def _apply_colormap(unit: np.ndarray, colormap: str | Colormap) -> np.ndarray:
     """Map values in [0, 1] to HxWx3 uint8 colours, exactly as ``cmap(x, bytes=True)`` does."""
     cmap = get_colormap(colormap)
@@ -90,15 +96,19 @@ def signed_map_image(
     colormap: str | Colormap = "bwr",
     *,
     vmax: float | None = None,
+    clip_percentile: float | None = None,
     size: Size | None = None,
 ) -> Image.Image:
     """Render a signed attribution with a diverging colormap, symmetric around zero.
 
     Zero maps to the colormap's centre, ``+vmax`` to its top end and ``-vmax`` to its bottom end;
-    ``vmax`` defaults to ``max(|map|)``. ``size=(width, height)`` resizes the map bilinearly first.
+    ``vmax`` defaults to ``max(|map|)``, or to that percentile of ``|map|`` if ``clip_percentile`` is
+    given (e.g. 99). ``size=(width, height)`` resizes the map bilinearly first.
     """
     cmap = get_colormap(colormap)
     m = _resize(to_numpy_map(map), size)
+    if vmax is None and clip_percentile is not None:
+        vmax = float(np.percentile(np.abs(m), _check_percentile(clip_percentile)))
     scale = float(np.abs(m).max()) if vmax is None else float(vmax)
     if scale < 0:
         raise ValueError(f"vmax must be non-negative, got {vmax!r}")
@@ -124,10 +134,7 @@ def grayscale_map_image(
     m = to_numpy_map(map)
     if absolute:
         m = np.abs(m)
-    if clip_percentile is not None:
-        if not 0.0 < float(clip_percentile) <= 100.0:
-            raise ValueError(f"clip_percentile must be in (0, 100], got {clip_percentile!r}")
-        if vmax is None:
-            vmax = float(np.percentile(m, clip_percentile))
+    if clip_percentile is not None and vmax is None:
+        vmax = float(np.percentile(m, _check_percentile(clip_percentile)))
     unit = _resize(normalize_map(m, vmin, vmax), size)
     return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8))

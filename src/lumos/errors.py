@@ -1,0 +1,44 @@
+"""Exceptions for user mistakes, and a helper that suggests close names.
+
+Every :class:`LumosError` carries a one-sentence message that names the offending thing and, where
+possible, says what would work. Front ends (CLI, web app) show the message without a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = ["LumosError", "ImageError", "ModelLoadError", "close_matches"]
+
+
+class LumosError(ValueError):
+    """Base class for errors caused by user input (bad file, unknown name, wrong argument)."""
+
+
+class ImageError(LumosError):
+    """An image file could not be found, read or decoded; ``.path`` names the file."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.path = Path(path) if path is not None else None
+
+
+class ModelLoadError(LumosError):
+    """A model could not be found or loaded (unknown zoo name, bad file, weights mismatch)."""
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> str:
+    """Return ``" Did you mean: a, b, c?"`` for the choices closest to ``word``, or ``""`` if none.
+
+    Matching is case-insensitive (difflib ratio); the suggestions keep their original spelling and
+    order of closeness, so the text can be appended to an error message directly.
+    """
+    originals: dict[str, str] = {}
+    for choice in choices:
+        originals.setdefault(str(choice).lower(), str(choice))
+    found = difflib.get_close_matches(str(word).lower(), list(originals), n=n, cutoff=cutoff)
+    if not found:
+        return ""
+    return " Did you mean: " + ", ".join(originals[f] for f in found) + "?"

@@ -1,0 +1,261 @@
+"""The ``lumos`` command: explain, demo, layers, methods, models, features.
+
+User mistakes (bad file, unknown name) print one line ``error: ...`` and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lumos.errors import LumosError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="lumos: see where a vision model looks, and whether that picture can be trusted.",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")
+]
+WeightsOpt = Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")]
+SizeOpt = Annotated[int | None, typer.Option(help="Input size for a user model (square).")]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")]
+LabelsOpt = Annotated[Path | None, typer.Option(help="Text file with one class name per line.")]
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in text.replace(",", " ").split())
+    except ValueError:
+        raise LumosError(f"Expected numbers separated by commas, got '{text}'.") from None
+
+
+def _load(model: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
+          labels: Path | None):
+    from lumos.zoo import load_model
+
+    return load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True, disable=not err_console.is_terminal,
+    )
+
+
+def _print_prediction(name: str, prediction) -> None:
+    top = ", ".join(f"{label} {p:.2f}" for _, label, p in prediction.top)
+    out_console.print(f"{name}: {top}", highlight=False)
+
+
+@app.command()
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files or directories (walked recursively).")],
+    model: ModelOpt = "efficientnet_lite0",
+    method: Annotated[str, typer.Option(help="Comma-separated methods (see `lumos methods`).")] = "gradcam",
+    target: Annotated[str, typer.Option(help="top1, topk:N, a class index, or a class name.")] = "top1",
+    layer: Annotated[str, typer.Option(help="auto or a layer name (see `lumos layers`).")] = "auto",
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
+    save: Annotated[str, typer.Option(help="What to write: png, npy or png,npy.")] = "png",
+    colormap: Annotated[str, typer.Option(help="Matplotlib colormap for overlays.")] = "jet",
+    alpha: Annotated[float, typer.Option(help="Overlay opacity in [0, 1].")] = 0.5,
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 8,
+    gallery: Annotated[bool, typer.Option(help="Also write gallery.png (rows = images).")] = False,
+    weights: WeightsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    labels: LabelsOpt = None,
+) -> None:
+    """Explain images: write one overlay per image and method, print the top-3 predictions."""
+    from lumos.api import method_class
+    from lumos.io import find_images, load_image
+    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, parse_target, write_gallery
+
+    methods = [method_class(m).name for m in parse_list(method, what="method")]
+    formats = parse_list(save, SAVE_FORMATS, what="save format")
+    if not 0 <= alpha <= 1:
+        raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
+    bundle = _load(model, weights, size, mean, std, labels)
+    files, problems = find_images(images)
+    failures = [(str(p), f"{p}: {why}") for p, why in problems]
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress() as progress:
+        task = progress.add_task("explaining", total=len(files))
+
+        def on_image(name: str, prediction, error: str | None) -> None:
+            progress.advance(task)
+            if error is None:
+                _print_prediction(name, prediction)
+
+        report = explain_images(
+            bundle.model, bundle.preprocess, [(str(f), _loader(load_image, f)) for f in files], methods,
+            labels=bundle.labels, target=parse_target(target), layer=layer, out=out, save=formats,
+            colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image,
+        )
+    if gallery and report.results:
+        report.written.append(write_gallery(report, out / "gallery.png", methods))
+    failures += report.failures
+    for _, reason in failures:
+        err_console.print(f"error: {reason}", highlight=False, markup=False)
+    out_console.print(
+        f"Explained {len(report.results)} image(s) with {len(methods)} method(s): "
+        f"{len(report.written)} file(s) in {out}/" + (f"; {len(failures)} failed" if failures else ""),
+        highlight=False,
+    )
+    if failures or not report.results:
+        raise typer.Exit(1)
+
+
+def _loader(load: Callable, path: Path) -> Callable:
+    return lambda: load(path)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
+    method: Annotated[str, typer.Option(help="Comma-separated methods.")] = DEMO_METHODS,
+) -> None:
+    """Explain the bundled sample photos with the bundled model; write overlays and gallery.png."""
+    from lumos.api import method_class
+    from lumos.io import sample_images
+    from lumos.runner import explain_images, parse_list, write_gallery
+
+    methods = [method_class(m).name for m in parse_list(method, what="method")]
+    bundle = _load("efficientnet_lite0", None, None, None, None, None)
+    out.mkdir(parents=True, exist_ok=True)
+    report = explain_images(
+        bundle.model, bundle.preprocess, list(sample_images().items()), methods, labels=bundle.labels, out=out,
+        on_image=lambda name, prediction, error: _print_prediction(name, prediction),
+    )
+    path = write_gallery(report, out / "gallery.png", methods)
+    out_console.print(f"Wrote {len(report.written)} overlays and the gallery {path}", highlight=False)
+
+
+@app.command()
+def layers(
+    model: ModelOpt = "efficientnet_lite0",
+    weights: WeightsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    all: Annotated[bool, typer.Option("--all", help="Also list layers without a 4-D map output.")] = False,
+) -> None:
+    """List the model's layers with their output shapes (one dry forward); mark the auto choice."""
+    import torch
+
+    from lumos.capture import model_guard
+    from lumos.layers import auto_layer, trace_layers
+
+    bundle = _load(model, weights, size, mean, std, None)
+    h, w = bundle.preprocess.hw
+    x = torch.zeros(1, 3, h, w)
+    with model_guard(bundle.model):
+        infos = trace_layers(bundle.model, x)
+        chosen = auto_layer(bundle.model, x)
+    for info in infos:
+        if all or (info.shape is not None and len(info.shape) == 4):
+            shape = "x".join(map(str, info.shape[1:])) if info.shape else "-"
+            mark = "  <- auto" if info.name == chosen else ""
+            calls = f"  (runs {info.calls}x)" if info.calls > 1 else ""
+            out_console.print(f"{info.name:<40} {info.type:<20} {shape}{calls}{mark}", highlight=False)
+
+
+@app.command("methods")
+def list_methods() -> None:
+    """List the explanation methods."""
+    from lumos.api import method_class, methods
+
+    for name in methods():
+        doc = (method_class(name).__doc__ or "").strip().splitlines()[0]
+        out_console.print(f"{name:<12} {doc}", highlight=False)
+
+
+@app.command()
+def models() -> None:
+    """List the bundled models."""
+    from lumos.zoo import models as zoo_models
+
+    for name in zoo_models():
+        out_console.print(name, highlight=False)
+
+
+@app.command()
+def features(
+    images: Annotated[list[Path], typer.Argument(help="Image files or directories.")],
+    model: ModelOpt = "efficientnet_lite0",
+    layer: Annotated[str, typer.Option(help="auto or a layer name (see `lumos layers`).")] = "auto",
+    n: Annotated[int, typer.Option(help="How many channels (the most active) to show.")] = 16,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("out"),
+    weights: WeightsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+) -> None:
+    """Write a grid of a layer's most active feature maps for each image."""
+    from lumos.api import feature_maps
+    from lumos.io import find_images, load_image
+    from lumos.render import feature_grid
+
+    bundle = _load(model, weights, size, mean, std, None)
+    files, problems = find_images(images)
+    failures = [f"{p}: {why}" for p, why in problems]
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        try:
+            fm = feature_maps(bundle.model, bundle.preprocess([load_image(f)]), layer=layer, n=n)
+        except LumosError as err:
+            failures.append(str(err))
+            continue
+        path = out / f"{f.stem}_features_{fm.layer.replace('.', '_')}.png"
+        feature_grid(fm.activations[0], n=n, out=path)
+        out_console.print(f"{f}: layer {fm.layer}, channels {fm.top_channels[0].tolist()} -> {path}", highlight=False)
+    for reason in failures:
+        err_console.print(f"error: {reason}", highlight=False, markup=False)
+    if failures:
+        raise typer.Exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning user mistakes into one-line errors."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        app(args=argv, standalone_mode=False)
+    except LumosError as err:
+        err_console.print(f"error: {err}", highlight=False, markup=False)
+        return 2
+    except typer.Exit as done:
+        return done.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted", highlight=False)
+        return 130
+    except Exception as err:  # click usage errors carry their own message
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            return err.exit_code
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Explain many images with several methods and write the pictures: the job behind ``lumos explain``/``demo``.
+
+Library code: it logs and reports progress through a callback, never prints. A bad image is recorded as
+a failure and the others still go through.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lumos.api import method_class
+from lumos.errors import LumosError
+from lumos.explanation import Explanation
+from lumos.render import gallery, overlay
+from lumos.targets import TargetSpec
+
+log = logging.getLogger(__name__)
+SAVE_FORMATS = ("png", "npy")
+
+
+@dataclass
+class Prediction:
+    """Top classes of one image: (class index, name, probability), best first."""
+
+    top: list[tuple[int, str, float]]
+
+
+@dataclass
+class ImageResult:
+    """What was produced for one image."""
+
+    name: str
+    image: Image.Image
+    prediction: Prediction
+    overlays: dict[str, list[Image.Image]] = field(default_factory=dict)
+    captions: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class RunReport:
+    """Outcome of a run: results per image, failures (name, reason) and files written."""
+
+    results: list[ImageResult] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    written: list[Path] = field(default_factory=list)
+
+
+def parse_target(text: str | None) -> TargetSpec:
+    """CLI target text -> target spec: ``top1`` -> None, ``topk:3``, ``285`` -> 285, else a class name."""
+    if text is None or text.strip().lower() in ("", "top1", "top-1", "pred", "predicted"):
+        return None
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    return text
+
+
+def parse_list(text: str, allowed: Sequence[str] | None = None, what: str = "value") -> list[str]:
+    """Split ``"a,b c"`` into items; with ``allowed``, unknown items are a one-line error."""
+    items = [t for t in re.split(r"[,\s]+", text.strip()) if t]
+    if not items:
+        raise LumosError(f"No {what} given.")
+    if allowed is not None:
+        for item in items:
+            if item not in allowed:
+                raise LumosError(f"Unknown {what} '{item}'; use one or more of: {', '.join(allowed)}.")
+    return items
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "x"
+
+
+def predict(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[str] | None, k: int = 3) -> list[Prediction]:
+    """Top-k classes per image from one no-grad forward (model mode untouched)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        model.train(was_training)
+    probs = torch.softmax(logits.float(), 1)
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    name = (lambda i: labels[i]) if labels is not None else (lambda i: f"class {i}")  # noqa: E731
+    return [
+        Prediction([(int(i), name(int(i)), float(p)) for p, i in zip(ps, idx, strict=True)])
+        for ps, idx in zip(top.values, top.indices, strict=True)
+    ]
+
+
+def _caption(ex: Explanation, j: int, labels: Sequence[str] | None) -> str:
+    if ex.targets is None:
+        return f"score {float(ex.scores[j]):.3g}"
+    cls = int(ex.targets[j])
+    name = labels[cls] if labels is not None else f"class {cls}"
+    return f"{name} {float(ex.probs[j]):.2f}"
+
+
+def explain_images(
+    model: torch.nn.Module,
+    preprocess: Callable[[list[Image.Image]], torch.Tensor],
+    items: Iterable[tuple[str, Image.Image | Callable[[], Image.Image]]],
+    methods: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    target: TargetSpec = None,
+    layer: str = "auto",
+    out: Path | None = None,
+    save: Sequence[str] = ("png",),
+    colormap: str = "jet",
+    alpha: float = 0.5,
+    batch_size: int = 8,
+    top_k: int = 3,
+    on_image: Callable[[str, Prediction | None, str | None], None] | None = None,
+) -> RunReport:
+    """Explain images in batches with each method; write overlays (and .npy maps) to ``out``.
+
+    ``items`` yields (name, image) or (name, loader); a loader that raises ``LumosError`` becomes a
+    failure of that image only. ``on_image(name, prediction, error)`` is called once per image.
+    """
+    classes = [method_class(m) for m in methods]  # unknown names fail before any work
+    report = RunReport()
+    cams = [cls(model, layer, labels=labels) for cls in classes]
+    batch: list[tuple[str, Image.Image]] = []
+
+    def flush() -> None:
+        if batch:
+            _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report,
+                       on_image)
+            batch.clear()
+
+    for name, source in items:
+        try:
+            image = source() if callable(source) else source
+        except LumosError as err:
+            report.failures.append((name, str(err)))
+            if on_image:
+                on_image(name, None, str(err))
+            continue
+        batch.append((name, image))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return report
+
+
+def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report, on_image):
+    x = preprocess([im for _, im in batch])
+    predictions = predict(model, x, labels, top_k)
+    results = [ImageResult(n, im, p) for (n, im), p in zip(batch, predictions, strict=True)]
+    for cam in cams:
+        ex = cam(x, target)
+        for j in range(len(ex)):
+            res = results[int(ex.image_index[j])]
+            res.overlays.setdefault(cam.name, []).append(overlay(res.image, ex.maps[j], colormap, alpha))
+            res.captions.setdefault(cam.name, []).append(_caption(ex, j, labels))
+        if out is not None and "npy" in save:
+            for i, res in enumerate(results):
+                path = out / f"{_safe(res.name)}_{_safe(cam.name)}.npy"
+                np.save(path, ex.maps[ex.image_index == i].cpu().numpy())
+                report.written.append(path)
+    for res in results:
+        if out is not None and "png" in save:
+            for method, images in res.overlays.items():
+                for k, img in enumerate(images):
+                    suffix = f"_top{k + 1}" if len(images) > 1 else ""
+                    path = out / f"{_safe(res.name)}_{_safe(method)}{suffix}.png"
+                    img.save(path)
+                    report.written.append(path)
+        report.results.append(res)
+        if on_image:
+            on_image(res.name, res.prediction, None)
+
+
+def write_gallery(report: RunReport, path: Path, methods: Sequence[str]) -> Path:
+    """One PNG: rows = images, columns = methods (first overlay of each), titled by class and probability."""
+    rows = report.results
+    if not rows:
+        raise LumosError("No image was explained, so there is no gallery to draw.")
+    columns = {m: [r.overlays[m][0] for r in rows] for m in methods}
+    cell_titles = [[r.captions[m][0] for m in methods] for r in rows]
+    row_titles = [f"{r.name}: {r.prediction.top[0][1]} {r.prediction.top[0][2]:.2f}" for r in rows]
+    gallery([r.image for r in rows], columns, row_titles=row_titles, cell_titles=cell_titles, out=path)
+    return path

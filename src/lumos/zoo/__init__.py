@@ -14,6 +14,7 @@ import importlib
 import logging
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -218,7 +219,9 @@ def _load_torchscript(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"Model file not found: {path}.")
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; it still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -375,7 +378,7 @@ def load_model(
         if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or path.is_file():
             if weights is not None:
                 raise ModelLoadError(
-                    "weights= applies to zoo names and import paths; a TorchScript file has its own weights."
+                    "weights= applies to zoo names and import paths; a saved model file has its own weights."
                 )
             model = _load_torchscript(path)
         elif ":" in text and not path.exists():

@@ -26,7 +26,7 @@ class ScoreCAM(LayerMethod):
     needs_grad = False
 
     def __init__(
-        self, *args: Any, batch_size: int = 32, max_channels: int | None = 64, baseline: float = 0.0, **kwargs: Any
+        self, *args: Any, batch_size: int = 32, max_channels: int | None = 32, baseline: float = 0.0, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
         if batch_size < 1 or (max_channels is not None and max_channels < 1):

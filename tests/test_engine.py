@@ -98,9 +98,10 @@ def test_frozen_parameters_and_no_grad_caller():
     before = state_snapshot(model)
     with torch.no_grad():
         frozen = lumos.explain(model, images(2), method="gradcam")
+        assert not torch.is_grad_enabled()  # the caller's grad mode is restored
     torch.testing.assert_close(frozen.raw, reference.raw)
     assert_unchanged(before, model)
-    assert not torch.is_grad_enabled() or True
+    assert torch.is_grad_enabled()
 
 
 def test_train_mode_model_is_explained_in_eval_and_restored():
@@ -132,9 +133,13 @@ def test_state_restored_after_an_exception_inside_the_call():
     def bad_target(out):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
         lumos.explain(model, images(2), target=bad_target)
     assert_unchanged(before, model)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="boom"):
+            lumos.explain(model, images(2), target=bad_target)
+        assert not torch.is_grad_enabled()
 
 
 @pytest.mark.parametrize("as_dict", [False, True])

@@ -24,9 +24,11 @@ class LayerCallError(LumosError):
 class Capture:
     """Context manager recording the outputs of ``modules`` during forwards run inside it.
 
-    With ``grad=True`` each recorded activation is part of the autograd graph (made a leaf that
-    requires grad when the model is frozen or the caller is under ``no_grad``), so
-    ``torch.autograd.grad(score, capture.activations[name])`` works.
+    With ``grad=True`` each recorded activation is part of the autograd graph, so
+    ``torch.autograd.grad(score, capture.activations[name])`` works. Run the forward under
+    ``torch.no_grad()`` and the first recorded layer switches autograd on: nothing upstream of it is
+    recorded (faster, less memory, works for frozen models). The caller restores the grad mode
+    (``model_guard`` does).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], grad: bool = True) -> None:
@@ -47,7 +49,11 @@ class Capture:
                     f"Layer '{name}' runs more than once per forward (a shared module), so its map is "
                     "ambiguous; choose a module that runs once, e.g. the block that contains it."
                 )
-            if self.grad and not output.requires_grad:
+            if self.grad and not torch.is_grad_enabled():
+                # Record autograd only from here on: the path from the output down to this layer.
+                torch.set_grad_enabled(True)
+                act = output.detach().requires_grad_(True)
+            elif self.grad and not output.requires_grad:
                 act = output.detach().requires_grad_(True)
             elif self.grad:
                 act = output
@@ -75,11 +81,13 @@ class Capture:
 
 @contextmanager
 def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
-    """Run with grad enabled (and in eval mode unless ``eval_mode=False``); restore the model after.
+    """Run in eval mode (unless ``eval_mode=False``) and restore the model and grad mode afterwards.
 
-    Restores every module's train/eval flag and, when some module ran in training mode, every buffer
-    (BatchNorm running statistics and counters) -- on every exit path, exceptions included.
+    Restores every module's train/eval flag, the global grad mode and, when some module ran in
+    training mode, every buffer (BatchNorm running statistics and counters) -- on every exit path,
+    exceptions included.
     """
+    grad_mode = torch.is_grad_enabled()
     modes = [(m, m.training) for m in model.modules()]
     if eval_mode:
         model.eval()
@@ -87,9 +95,9 @@ def model_guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     if any(m.training for m in model.modules()):
         saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
-        with torch.enable_grad():
-            yield
+        yield
     finally:
+        torch.set_grad_enabled(grad_mode)
         with torch.no_grad():
             for buf, copy in saved:
                 buf.copy_(copy)

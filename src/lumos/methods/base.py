@@ -113,7 +113,7 @@ class LayerMethod:
 
     def forward(self, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One forward recording the layers; returns the selected output and the activations."""
-        with Capture(layers, grad=self.needs_grad) as cap:
+        with torch.no_grad(), Capture(layers, grad=self.needs_grad) as cap:
             out = select_output(self.model(x), self.output)
         missing = [n for n in layers if n not in cap.activations]
         if missing:
@@ -122,7 +122,7 @@ class LayerMethod:
 
     def __call__(self, x: torch.Tensor, target: TargetSpec = None) -> Explanation:
         x = check_input(x)
-        with model_guard(self.model, self.eval_mode):
+        with model_guard(self.model, self.eval_mode), torch.enable_grad():
             layers = self.resolve(x)
             out, acts = self.forward(x, layers)
             targets = resolve_targets(target, out, self.labels)

@@ -178,3 +178,16 @@ def test_eigencam_is_first_principal_component_with_positive_sign(net):
         proj = (centered @ vec).float().reshape(a.shape[-2:])
         assert abs(corr(proj, ex.raw[i])) > 0.9999
         assert corr(ex.raw[i], a[i].sum(0)) > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 4, 4), (2, 8, 6, 5)])
+def test_eigencam_projection_matches_svd_on_both_gram_sides(shape):
+    acts = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).relu()
+    raw = lumos.EigenCAM(torch.nn.Identity()).layer_map(acts, None, None)
+    b, c, h, w = shape
+    for i in range(b):
+        x = acts[i].reshape(c, h * w).T.double()
+        x = x - x.mean(0)
+        _, _, vh = torch.linalg.svd(x, full_matrices=False)
+        ref = (x @ vh[0]).float().reshape(h, w)
+        torch.testing.assert_close(raw[i].abs(), ref.abs(), rtol=1e-3, atol=1e-4)

@@ -84,8 +84,13 @@ class EigenCAM(LayerMethod):
         b, c, h, w = acts.shape
         flat = acts.float().reshape(b, c, h * w).transpose(1, 2)  # (B, hw, C)
         centered = flat - flat.mean(1, keepdim=True)
-        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        proj = (centered @ vh[:, 0, :, None])[..., 0]  # (B, hw)
+        # First principal component through the smaller Gram matrix (eigh is far faster than SVD on CPU).
+        if h * w <= c:
+            values, vectors = torch.linalg.eigh(centered @ centered.transpose(1, 2))
+            proj = vectors[..., -1] * values[:, -1:].clamp_min(0).sqrt()  # (B, hw)
+        else:
+            _, vectors = torch.linalg.eigh(centered.transpose(1, 2) @ centered)
+            proj = (centered @ vectors[..., -1:])[..., 0]
         ref = flat.sum(2)
         sign = torch.sign(((proj - proj.mean(1, keepdim=True)) * (ref - ref.mean(1, keepdim=True))).sum(1))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)

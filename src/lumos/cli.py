@@ -6,6 +6,7 @@ User mistakes (bad file, unknown name) print one line ``error: ...`` and exit no
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="lumos: see where a vision model looks, and whether that picture can be trusted.",
 )
-out_console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: a message is one line however narrow the terminal (or 80 columns when output is piped).
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
 
@@ -51,14 +53,54 @@ def _load(model: str, weights: Path | None, size: int | None, mean: str | None, 
           labels: Path | None):
     from lumos.zoo import load_model
 
-    return load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels)
+    bundle = load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels)
+    import torch
+
+    if isinstance(bundle.model, torch.jit.ScriptModule):  # every command here records layers with hooks
+        raise LumosError(
+            f"{model} is a TorchScript model: it loads, but torch allows no hooks on a loaded ScriptModule, so its "
+            "layers cannot be recorded; save the state dict and use --model package.module:callable --weights FILE."
+        )
+    return bundle
+
+
+def _on_tty(console: Console) -> bool:
+    """A real interactive terminal: FORCE_COLOR alone must not put a progress bar into a log file."""
+    try:
+        return console.is_interactive and console.file.isatty()
+    except (AttributeError, ValueError):  # closed or unusual stream
+        return False
 
 
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=err_console, transient=True, disable=not err_console.is_terminal,
+        console=err_console, transient=True, disable=not _on_tty(err_console),
     )
+
+
+def _make_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LumosError(f"Cannot create the output directory {out}: {err.strerror or err}.") from None
+
+
+def _check_choices(bundle, target, layer: str) -> None:
+    """Fail before any image is read when the class name/index or layer name cannot work."""
+    from lumos.layers import resolve_layers
+    from lumos.targets import TargetError
+
+    if layer != "auto":
+        resolve_layers(bundle.model, layer)
+    labels = bundle.labels
+    if labels is None or target is None:
+        return
+    if isinstance(target, int):
+        if not 0 <= target < len(labels):
+            raise TargetError(f"Class {target} is out of range: the model has {len(labels)} outputs.")
+    elif not re.fullmatch(r"\s*top(?:k:?|-?)(\d+)\s*", target.lower()):
+        labels.index_of(target)
 
 
 def _print_prediction(name: str, prediction) -> None:
@@ -95,9 +137,12 @@ def explain(
     if not 0 <= alpha <= 1:
         raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
     bundle = _load(model, weights, size, mean, std, labels)
+    spec = parse_target(target)
+    _check_choices(bundle, spec, layer)
     files, problems = find_images(images)
     failures = [(str(p), f"{p}: {why}") for p, why in problems]
-    out.mkdir(parents=True, exist_ok=True)
+    if files:
+        _make_dir(out)
     with _progress() as progress:
         task = progress.add_task("explaining", total=len(files))
 
@@ -108,7 +153,7 @@ def explain(
 
         report = explain_images(
             bundle.model, bundle.preprocess, [(str(f), _loader(load_image, f)) for f in files], methods,
-            labels=bundle.labels, target=parse_target(target), layer=layer, out=out, save=formats,
+            labels=bundle.labels, target=spec, layer=layer, out=out, save=formats,
             colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image,
         )
     if gallery and report.results:
@@ -141,10 +186,15 @@ def demo(
 
     methods = [method_class(m).name for m in parse_list(method, what="method")]
     bundle = _load("efficientnet_lite0", None, None, None, None, None)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_dir(out)
+
+    def on_image(name: str, prediction, error: str | None) -> None:
+        if error is None:
+            _print_prediction(name, prediction)
+
     report = explain_images(
         bundle.model, bundle.preprocess, list(sample_images().items()), methods, labels=bundle.labels, out=out,
-        on_image=lambda name, prediction, error: _print_prediction(name, prediction),
+        on_image=on_image,
     )
     path = write_gallery(report, out / "gallery.png", methods)
     out_console.print(f"Wrote {len(report.written)} overlays and the gallery {path}", highlight=False)
@@ -218,7 +268,8 @@ def features(
     bundle = _load(model, weights, size, mean, std, None)
     files, problems = find_images(images)
     failures = [f"{p}: {why}" for p, why in problems]
-    out.mkdir(parents=True, exist_ok=True)
+    if files:
+        _make_dir(out)
     for f in files:
         try:
             fm = feature_maps(bundle.model, bundle.preprocess([load_image(f)]), layer=layer, n=n)
@@ -234,11 +285,25 @@ def features(
         raise typer.Exit(1)
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """Typer >= 0.2x vendors click (its errors derive from TyperException); older typer uses click itself."""
+    kinds: list[type[Exception]] = []
+    if hasattr(typer, "TyperException"):
+        kinds.append(typer.TyperException)
+    try:
+        import click
+    except ImportError:
+        pass
+    else:
+        kinds.append(click.ClickException)
+    return tuple(kinds)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user mistakes into one-line errors."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as the return value n
     except LumosError as err:
         err_console.print(f"error: {err}", highlight=False, markup=False)
         return 2
@@ -247,14 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted", highlight=False)
         return 130
-    except Exception as err:  # click usage errors carry their own message
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
+    except Exception as err:  # usage errors (unknown option, missing argument) carry their own message
+        if isinstance(err, _usage_errors()):
+            show = getattr(err, "show", None)
+            if show is not None:
+                show()
+            else:
+                err_console.print(f"error: {err}", highlight=False, markup=False)
+            return int(getattr(err, "exit_code", 2))
         raise
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -51,6 +51,19 @@ class RunReport:
     results: list[ImageResult] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
+    stems: dict[str, str] = field(default_factory=dict)  # image name -> output file stem
+
+    def stem(self, name: str) -> str:
+        """Output file stem for an image: its file name without extension, made unique within the run."""
+        if name not in self.stems:
+            base = _safe(Path(name).stem)
+            stem, n = base, 1
+            taken = set(self.stems.values())
+            while stem in taken:
+                n += 1
+                stem = f"{base}_{n}"
+            self.stems[name] = stem
+        return self.stems[name]
 
 
 def parse_target(text: str | None) -> TargetSpec:
@@ -153,6 +166,16 @@ def explain_images(
     return report
 
 
+def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:
+    """(k, h, w) maps at model resolution -> float32 (k, H, W) at the original image size, like the overlays."""
+    width, height = image.size
+    maps = maps.detach().float().cpu()
+    if tuple(maps.shape[-2:]) != (height, width):
+        maps = torch.nn.functional.interpolate(maps[:, None], size=(height, width), mode="bilinear",
+                                               align_corners=False)[:, 0]
+    return maps.numpy()
+
+
 def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report, on_image):
     x = preprocess([im for _, im in batch])
     predictions = predict(model, x, labels, top_k)
@@ -165,15 +188,15 @@ def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colorm
             res.captions.setdefault(cam.name, []).append(_caption(ex, j, labels))
         if out is not None and "npy" in save:
             for i, res in enumerate(results):
-                path = out / f"{_safe(res.name)}_{_safe(cam.name)}.npy"
-                np.save(path, ex.maps[ex.image_index == i].cpu().numpy())
+                path = out / f"{report.stem(res.name)}_{_safe(cam.name)}.npy"
+                np.save(path, _at_image_size(ex.maps[ex.image_index == i], res.image))
                 report.written.append(path)
     for res in results:
         if out is not None and "png" in save:
             for method, images in res.overlays.items():
                 for k, img in enumerate(images):
                     suffix = f"_top{k + 1}" if len(images) > 1 else ""
-                    path = out / f"{_safe(res.name)}_{_safe(method)}{suffix}.png"
+                    path = out / f"{report.stem(res.name)}_{_safe(method)}{suffix}.png"
                     img.save(path)
                     report.written.append(path)
         report.results.append(res)

@@ -51,11 +51,11 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
 
 def _load(model: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
           labels: Path | None):
+    import torch
+
     from lumos.zoo import load_model
 
     bundle = load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels)
-    import torch
-
     if isinstance(bundle.model, torch.jit.ScriptModule):  # every command here records layers with hooks
         raise LumosError(
             f"{model} is a TorchScript model: it loads, but torch allows no hooks on a loaded ScriptModule, so its "

@@ -218,3 +218,10 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(lumos.LumosError, match="nn.Module"):
         lumos.explain(lambda t: t, images(1))
     assert lumos.explain(model, images(1)[0]).maps.shape == (1, 32, 32)
+
+
+def test_torchscript_model_is_a_clear_error_not_a_traceback():
+    scripted = torch.jit.script(GapNet().eval())
+    for layer in ["auto", "features"]:
+        with pytest.raises(lumos.LumosError, match="TorchScript"):
+            lumos.explain(scripted, images(1), layer=layer)

@@ -65,8 +65,12 @@ class Capture:
         return hook
 
     def __enter__(self) -> Capture:
-        for name, module in self.modules.items():
-            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(add_forward_hook(module, self._hook_for(name), name))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,6 +81,16 @@ class Capture:
     def clear(self) -> None:
         """Forget recorded activations (for another forward with the same hooks)."""
         self.activations.clear()
+
+
+def add_forward_hook(module: nn.Module, hook, name: str = "") -> torch.utils.hooks.RemovableHandle:
+    """``register_forward_hook`` with a clear error for TorchScript modules (which cannot be hooked)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise LayerCallError(
+            f"Layer '{name or type(module).__name__}' is TorchScript, which cannot record activations; "
+            "load the model as package.module:callable with --weights instead."
+        )
+    return module.register_forward_hook(hook)
 
 
 @contextmanager

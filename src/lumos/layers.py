@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lumos.capture import add_forward_hook
 from lumos.errors import LumosError, close_matches
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,10 @@ def trace_layers(model: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
         calls = order.pop(name).calls + 1 if name in order else 1
         order[name] = LayerInfo(name, type(module).__name__, shape, calls)
 
-    handles = [m.register_forward_hook(hook) for m in names]
+    handles = []
     try:
+        for m, n in names.items():
+            handles.append(add_forward_hook(m, hook, n))
         with torch.no_grad():
             model(x)
     finally:

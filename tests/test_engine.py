@@ -220,6 +220,7 @@ def test_bad_inputs_are_one_line_errors():
     assert lumos.explain(model, images(1)[0]).maps.shape == (1, 32, 32)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_torchscript_model_is_a_clear_error_not_a_traceback():
     scripted = torch.jit.script(GapNet().eval())
     for layer in ["auto", "features"]:

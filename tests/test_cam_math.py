@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nets import FunctionalNet, GapNet, images
 
 import lumos
+from nets import FunctionalNet, GapNet, images
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,7 +105,9 @@ def test_map_alone_equals_map_in_batch(net, method):
     torch.testing.assert_close(alone.raw[0], together.raw[3], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")])
+@pytest.mark.parametrize(
+    ("ours", "theirs"), [("gradcam", "GradCAM"), ("xgradcam", "XGradCAM"), ("layercam", "LayerCAM")]
+)
 def test_agrees_with_torchcam(ours, theirs):
     import torchcam.methods as tc
 

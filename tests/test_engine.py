@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from nets import FunctionalNet, GapNet, ReusedReLUNet, TupleNet, TwiceNet, copy_weights, images
 
 import lumos
 from lumos.layers import auto_layer
+from nets import FunctionalNet, GapNet, ReusedReLUNet, TupleNet, TwiceNet, copy_weights, images
 
 GRAD_METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
 

@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from nets import GapNet, images
 
 import lumos
 from lumos.targets import SegmentationTarget, SimilarityTarget
+from nets import GapNet, images
 
 LABELS = ["tench", "goldfish", "tabby, tabby cat", "tiger cat", "espresso"]
 

@@ -1,0 +1,261 @@
+"""Faithfulness: deletion / insertion curves (Petsiuk et al. 2018) and Average Drop / Increase in
+Confidence (Chattopadhay et al. 2018, as used in the Score-CAM paper).
+
+Metrics are configured once and called on ``(model, images, maps, targets)``. Everything runs batched in
+torch on the images' device; multi-pass metrics forward at most ``batch_size`` images at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lumos.errors import LumosError
+from lumos.evaluate._common import (
+    TargetLike,
+    check_images,
+    check_maps,
+    check_model,
+    check_positive,
+    class_probs,
+    minmax,
+    resolve_classes,
+    scoring,
+)
+from lumos.targets import OutputSpec
+
+Substrate = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CurveResult:
+    """Deletion or insertion curves.
+
+    ``curves`` (B, steps+1): probability of the target class after step k; ``fractions`` (steps+1,):
+    the share of pixels removed/inserted at step k; ``auc`` (B,): trapezoid area over ``fractions``
+    (in [0, 1] since probabilities are); ``classes`` (B,): the scored classes.
+    """
+
+    curves: torch.Tensor
+    fractions: torch.Tensor
+    auc: torch.Tensor
+    classes: torch.Tensor
+
+    @property
+    def mean_auc(self) -> float:
+        return float(self.auc.mean())
+
+
+def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Rank (B, H*W) of every pixel: 0 = most important. Ties keep raster order (stable sort)."""
+    flat = maps.flatten(1)
+    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
+    return ranks
+
+
+def step_counts(n_pixels: int, steps: int) -> torch.Tensor:
+    """Pixels changed after each step: ``floor(k * n_pixels / steps)`` for k = 0..steps."""
+    return torch.arange(steps + 1, dtype=torch.long) * n_pixels // steps
+
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur per channel, reflect-padded (the image border stays unbiased)."""
+    if sigma <= 0 or kernel_size < 1:
+        return images.clone()
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = images.shape[1]
+    mode = "reflect" if min(images.shape[-2:]) > r else "replicate"
+    x = F.pad(images, (r, r, 0, 0), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode=mode)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def _substrate(spec: Substrate, images: torch.Tensor) -> torch.Tensor:
+    if callable(spec) and not isinstance(spec, torch.Tensor):
+        out = spec(images)
+    else:
+        out = torch.as_tensor(spec, dtype=images.dtype, device=images.device)
+    try:
+        return torch.broadcast_to(out.to(images), images.shape)
+    except RuntimeError:
+        raise LumosError(
+            f"The substrate of shape {tuple(out.shape)} does not broadcast to the images {tuple(images.shape)}."
+        ) from None
+
+
+class _PixelCurve:
+    """Shared engine: move pixels from ``start`` to ``end`` in map order, score each step."""
+
+    kind = ""
+
+    def __init__(self, steps: int = 100, batch_size: int = 64, output: OutputSpec = None, eval_mode: bool = True):
+        self.steps = check_positive("steps", steps)
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.output = output
+        self.eval_mode = eval_mode
+
+    def endpoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: TargetLike = None
+    ) -> CurveResult:
+        """Curves and AUC for ``maps`` (B, H, W) of ``images`` (B, C, H, W); targets default to top-1."""
+        model = check_model(model)
+        x = check_images(images)
+        m = check_maps(maps, x)
+        b, c, h, w = x.shape
+        n_pix = h * w
+        if self.steps > n_pix:
+            raise LumosError(f"steps={self.steps} exceeds the {n_pix} pixels of the image.")
+        with scoring(model, self.eval_mode):
+            classes = resolve_classes(model, x, targets, self.output)
+            start, end = self.endpoints(x)
+            start, end = start.flatten(2), end.flatten(2)
+            ranks = pixel_ranks(m)
+            counts = step_counts(n_pix, self.steps).to(x.device)
+            n_points = self.steps + 1
+            curves = torch.empty(b * n_points, device=x.device)
+            for lo in range(0, b * n_points, self.batch_size):
+                job = torch.arange(lo, min(lo + self.batch_size, b * n_points), device=x.device)
+                img, step = job // n_points, job % n_points
+                changed = ranks[img] < counts[step, None]  # (n, H*W): one mask for the whole chunk
+                batch = torch.where(changed[:, None], end[img], start[img]).view(-1, c, h, w)
+                curves[job] = class_probs(model, batch, classes[img], self.output)
+        curves = curves.view(b, n_points)
+        fractions = counts.float() / n_pix
+        return CurveResult(curves, fractions, torch.trapezoid(curves, fractions, dim=1), classes)
+
+
+class Deletion(_PixelCurve):
+    """Deletion (Petsiuk et al. 2018): the most important pixels first are set to a constant substrate.
+
+    A faithful map makes the probability fall fast: **lower AUC is better**.
+
+    Args:
+        steps: points on the curve after the start (``steps + 1`` forwards per image); step k has changed
+            ``floor(k * H * W / steps)`` pixels, all channels of a pixel together.
+        substrate: what deleted pixels become, in model input space: a number (default 0), a tensor
+            broadcastable to the images, or a callable ``images -> tensor``.
+        batch_size: perturbed images per forward (memory bound).
+        output: selects the tensor to score when the model returns a tuple/dict.
+        eval_mode: score in eval mode (restored afterwards).
+    """
+
+    kind = "deletion"
+
+    def __init__(
+        self,
+        steps: int = 100,
+        substrate: Substrate = 0.0,
+        batch_size: int = 64,
+        output: OutputSpec = None,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(steps, batch_size, output, eval_mode)
+        self.substrate = substrate
+
+    def endpoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, _substrate(self.substrate, images)
+
+
+class Insertion(_PixelCurve):
+    """Insertion (Petsiuk et al. 2018): start from a blurred image, restore the most important pixels first.
+
+    A faithful map makes the probability rise fast: **higher AUC is better**.
+
+    Args:
+        steps: as for :class:`Deletion`.
+        blur_kernel, blur_sigma: the Gaussian blur of the starting image (default 11 px, sigma 5, as in
+            the RISE code).
+        substrate: overrides the blur: a number, tensor or callable giving the starting image.
+        batch_size, output, eval_mode: as for :class:`Deletion`.
+    """
+
+    kind = "insertion"
+
+    def __init__(
+        self,
+        steps: int = 100,
+        blur_kernel: int = 11,
+        blur_sigma: float = 5.0,
+        substrate: Substrate | None = None,
+        batch_size: int = 64,
+        output: OutputSpec = None,
+        eval_mode: bool = True,
+    ) -> None:
+        super().__init__(steps, batch_size, output, eval_mode)
+        self.blur_kernel = blur_kernel
+        self.blur_sigma = blur_sigma
+        self.substrate = substrate
+
+    def endpoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.substrate is not None:
+            return _substrate(self.substrate, images), images
+        return gaussian_blur(images, self.blur_kernel, self.blur_sigma), images
+
+
+@dataclass
+class DropResult:
+    """Per image: ``drop`` = max(0, Y - O) / Y and ``increase`` = 1 if O > Y, with Y the target's
+    probability on the image and O on the image multiplied by the map. The paper's percentages are
+    ``100 * avg_drop`` and ``100 * increase_rate``."""
+
+    drop: torch.Tensor
+    increase: torch.Tensor
+    probs: torch.Tensor
+    masked_probs: torch.Tensor
+    classes: torch.Tensor
+
+    @property
+    def avg_drop(self) -> float:
+        return float(self.drop.mean())
+
+    @property
+    def increase_rate(self) -> float:
+        return float(self.increase.float().mean())
+
+
+class AverageDropIncrease:
+    """Average Drop and Increase in Confidence (Chattopadhay et al. 2018; Score-CAM's definition).
+
+    The image (in model input space) is multiplied by its map, min-max normalised to [0, 1] at the map's
+    own resolution and then bilinearly upsampled. **Lower drop, higher increase are better.**
+    """
+
+    def __init__(self, batch_size: int = 64, normalize: bool = True, output: OutputSpec = None,
+                 eval_mode: bool = True) -> None:
+        self.batch_size = check_positive("batch_size", batch_size)
+        self.normalize = normalize
+        self.output = output
+        self.eval_mode = eval_mode
+
+    def __call__(
+        self, model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: TargetLike = None
+    ) -> DropResult:
+        model = check_model(model)
+        x = check_images(images)
+        m = check_maps(maps, x, resize=False)
+        if self.normalize:
+            m = minmax(m)
+        m = check_maps(m, x)
+        with scoring(model, self.eval_mode):
+            classes = resolve_classes(model, x, targets, self.output)
+            y, o = [], []
+            for lo in range(0, x.shape[0], self.batch_size):
+                sl = slice(lo, lo + self.batch_size)
+                y.append(class_probs(model, x[sl], classes[sl], self.output))
+                o.append(class_probs(model, x[sl] * m[sl, None], classes[sl], self.output))
+        y_, o_ = torch.cat(y), torch.cat(o)
+        drop = (y_ - o_).clamp_min(0) / y_.clamp_min(torch.finfo(y_.dtype).tiny)
+        return DropResult(drop, o_ > y_, y_, o_, classes)

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

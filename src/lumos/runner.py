@@ -19,7 +19,7 @@ from PIL import Image
 from lumos.api import method_class
 from lumos.errors import LumosError
 from lumos.explanation import Explanation
-from lumos.render import gallery, overlay
+from lumos.render import gallery, grayscale_map_image, overlay
 from lumos.targets import TargetSpec
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,17 @@ def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:
     return maps.numpy()
 
 
+def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet", alpha: float = 0.5) -> Image.Image:
+    """Map ``j`` drawn for reading at the original image size.
+
+    Layer maps (CAMs) become a heat overlay on the photo; pixel-space attributions (``raw`` is
+    B x C x H x W) become grayscale saliency, as in the papers, since their detail hides under a photo.
+    """
+    if isinstance(ex.raw, torch.Tensor) and ex.raw.ndim == 4:
+        return grayscale_map_image(ex.maps[j], size=image.size).convert("RGB")
+    return overlay(image, ex.maps[j], colormap, alpha)
+
+
 def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report, on_image):
     x = preprocess([im for _, im in batch])
     predictions = predict(model, x, labels, top_k)
@@ -184,7 +195,7 @@ def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colorm
         ex = cam(x, target)
         for j in range(len(ex)):
             res = results[int(ex.image_index[j])]
-            res.overlays.setdefault(cam.name, []).append(overlay(res.image, ex.maps[j], colormap, alpha))
+            res.overlays.setdefault(cam.name, []).append(render_map(res.image, ex, j, colormap, alpha))
             res.captions.setdefault(cam.name, []).append(_caption(ex, j, labels))
         if out is not None and "npy" in save:
             for i, res in enumerate(results):

@@ -5,7 +5,13 @@ from lumos.errors import LumosError
 from lumos.explanation import Explanation
 from lumos.methods import (
     CAM,
+    DeconvNet,
     EigenCAM,
+    GradientXInput,
+    Gradients,
+    GuidedBackprop,
+    GuidedGradCAM,
+    IntegratedGradients,
     GradCAM,
     GradCAMPlusPlus,
     HiResCAM,
@@ -26,7 +32,13 @@ load_model.__doc__ = "Load a zoo model, TorchScript file or `module:callable`; s
 
 __all__ = [
     "CAM",
+    "DeconvNet",
     "EigenCAM",
+    "GradientXInput",
+    "Gradients",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "IntegratedGradients",
     "Explanation",
     "FeatureMaps",
     "GradCAM",

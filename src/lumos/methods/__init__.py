@@ -2,10 +2,26 @@
 
 from lumos.methods.activation_cams import CAM, EigenCAM
 from lumos.methods.base import REGISTRY, LayerMethod
+from lumos.methods.integrated import IntegratedGradients
+from lumos.methods.pixel import (
+    DeconvNet,
+    GradientXInput,
+    Gradients,
+    GuidedBackprop,
+    GuidedGradCAM,
+    PixelMethod,
+)
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.scorecam import ScoreCAM
 
 __all__ = [
+    "DeconvNet",
+    "GradientXInput",
+    "Gradients",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "IntegratedGradients",
+    "PixelMethod",
     "CAM",
     "REGISTRY",
     "EigenCAM",

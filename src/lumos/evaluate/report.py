@@ -34,13 +34,14 @@ def table_rows(report: EvaluationReport, mark: str = "*") -> tuple[list[str], li
     """Header and rows of strings (method × metric); the best value per column carries ``mark``."""
     metrics = report.metrics
     best = report.best()
+    top = {m: report.rows[b][m] for m, b in best.items()}
     rows = []
     for method, row in report.rows.items():
         cells = [method]
         for m in metrics:
             v = row.get(m, float("nan"))
             text = "-" if v != v else f"{v:.3f}"
-            cells.append(text + (mark if best.get(m) == method else ""))
+            cells.append(text + (mark if m in top and v == top[m] else ""))
         rows.append(cells)
     return ["method", *map(header, metrics)], rows
 

@@ -1,0 +1,107 @@
+"""``lumos evaluate``: score explanation methods on images (faithfulness) or on the synthetic ground-truth
+benchmark (faithfulness + localisation), optionally with the cascading randomisation sanity check.
+
+Add to the main app with ``register(app)``. Writes ``evaluation.csv``, ``evaluation.json``, ``curves.png``
+(and ``sanity.png`` with ``--sanity``) to ``--out``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lumos.errors import LumosError
+
+BENCHMARKS = ("synthetic",)
+DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
+
+
+def evaluate(
+    images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")] = "efficientnet_lite0",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods, or 'all' (see `lumos methods`).")] = DEFAULT_METHODS,
+    benchmark: Annotated[str | None, typer.Option(help="Run a ground-truth benchmark instead: synthetic.")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory.")] = Path("evaluation"),
+    sanity: Annotated[bool, typer.Option(help="Add the cascading randomisation test and sanity.png.")] = False,
+    steps: Annotated[int | None, typer.Option(help="Deletion/insertion steps (default 100; 64 for synthetic).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward in multi-pass metrics.")] = 64,
+    layer: Annotated[str, typer.Option(help="auto or a layer name for CAM methods.")] = "auto",
+    n: Annotated[int, typer.Option(help="Images in the synthetic benchmark.")] = 100,
+    tolerance: Annotated[float | None, typer.Option(help="Pointing-game tolerance in pixels (synthetic: 2).")] = None,
+    weights: Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")] = None,
+    size: Annotated[int | None, typer.Option(help="Input size for a user model (square).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")] = None,
+) -> None:
+    """Which explanation can be trusted? Deletion/insertion, average drop, pointing game, sanity checks."""
+    from lumos.api import method_class
+    from lumos.api import methods as all_methods
+    from lumos.cli import _load, _make_dir, err_console, out_console
+    from lumos.evaluate.benchmark import evaluate_methods, synthetic_benchmark
+    from lumos.evaluate.report import format_table, plot_curves, plot_sanity, write_csv, write_json
+    from lumos.runner import parse_list
+
+    names = all_methods() if methods.strip().lower() == "all" else [
+        method_class(m).name for m in parse_list(methods, what="method")
+    ]
+    if steps is not None and steps < 1 or batch_size < 1 or n < 1:
+        raise LumosError("--steps, --batch-size and --n must be positive integers.")
+    if tolerance is not None and tolerance < 0:
+        raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
+    picture = None
+    if benchmark is not None:
+        if benchmark.lower() not in BENCHMARKS:
+            raise LumosError(f"Unknown benchmark '{benchmark}'; use: {', '.join(BENCHMARKS)}.")
+        if images:
+            raise LumosError("Give either image files or --benchmark, not both.")
+        _make_dir(out)
+        report = synthetic_benchmark(
+            names, n=n, steps=steps or 64, batch_size=batch_size,
+            tolerance=2.0 if tolerance is None else tolerance, sanity=sanity,
+        )
+        if sanity:
+            from lumos.synthetic import make_dataset
+
+            picture = make_dataset(1, seed=123).images[0].permute(1, 2, 0).numpy()
+    else:
+        if not images:
+            raise LumosError("Give image files or directories to evaluate, or --benchmark synthetic.")
+        from lumos.cli import _floats
+        from lumos.io import find_images, load_image
+
+        bundle = _load(model, weights, size, mean, std, None)
+        if layer != "auto":
+            from lumos.layers import resolve_layers
+
+            resolve_layers(bundle.model, layer)
+        files, problems = find_images(images)
+        if problems:
+            raise LumosError(f"{problems[0][0]}: {problems[0][1]}")
+        x = bundle.preprocess([load_image(f) for f in files])
+        _make_dir(out)
+        report = evaluate_methods(
+            bundle.model, x, names, layer=layer, steps=steps or 100, batch_size=batch_size,
+            tolerance=15.0 if tolerance is None else tolerance, sanity=sanity,
+        )
+        report.meta.update({"model": model, "images": [str(f) for f in files]})
+        picture = bundle.preprocess.denormalize(x[:1])[0].permute(1, 2, 0).numpy()
+        del _floats
+    for name, why in report.failures.items():
+        err_console.print(f"warning: {name} skipped: {why}", highlight=False, markup=False)
+    if not report.rows:
+        raise LumosError("No method could be evaluated.")
+    out_console.print(format_table(report) + "\n(* = best per column)", highlight=False, markup=False)
+    written = [write_csv(report, out / "evaluation.csv"), write_json(report, out / "evaluation.json"),
+               plot_curves(report, out / "curves.png")]
+    if sanity and report.sanity:
+        written.append(plot_sanity(report, out / "sanity.png", picture))
+    out_console.print("Wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` command to ``app`` (idempotent)."""
+    if any(getattr(c, "name", None) == "evaluate" for c in app.registered_commands):
+        return
+    app.command("evaluate")(evaluate)

@@ -1,0 +1,271 @@
+"""``ExplanationLogger``: CAM overlays and feature maps of fixed probe images, logged while a model trains."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lumos.api import explain, feature_maps
+from lumos.capture import model_guard
+from lumos.errors import LumosError
+from lumos.render import overlay
+from lumos.track._guard import preserve_grads, preserve_rng
+from lumos.track.probe import (
+    KerasAdapter,
+    channel_tiles,
+    display_array,
+    hstack,
+    is_keras_model,
+    keras_auto_layer,
+    to_nchw,
+    upscale,
+    with_caption,
+)
+from lumos.track.sinks import Sink, make_sink
+
+log = logging.getLogger(__name__)
+
+TargetMode = Literal["true", "pred", "both"]
+FEATURES = "features"
+METRICS = ("pointing", "deletion")
+
+
+class ExplanationLogger:
+    """Log explanations of fixed probe images to one or more sinks, every N epochs or steps.
+
+    Args:
+        images: probe images, (B, C, H, W) or (B, H, W, C) (Keras), in the model's input space.
+        labels: their true classes (B,), optional; needed for ``target="true"``/``"both"``.
+        methods: lumos method names (``"gradcam"``, ``"cam"``, ``"gradcam++"``, ...) and/or
+            ``"features"`` (a grid of the top channels of ``feature_layer``).
+        layer: the CAM layer (dotted module name, Keras layer name, a module or ``"auto"``).
+        feature_layer: the layer whose feature maps ``"features"`` shows (default: ``layer``).
+        target: explain the true label, the predicted class, or ``"both"`` side by side.
+        class_names: names for captions (default: indices; ``negative``/``positive`` for a binary head).
+        sinks: ``Sink`` objects or names (``"tensorboard"``, ``"wandb"``, ``"mlflow"``, ``"memory"``).
+        every_n_epochs / every_n_steps: logging frequency used by the callbacks (``None`` = never).
+        display_images: what to draw the overlays on (default: ``images``, min/max scaled if outside [0, 1]).
+        masks: object masks (B, H, W) for the ``"pointing"`` metric.
+        metrics: scalars per CAM method: ``"pointing"`` (pointing game hit rate) and/or ``"deletion"`` (AUC).
+        prefix: the first part of every tag: ``<prefix>/<method>/<image index>``.
+        display_size: overlays are drawn with this longer side (pixels).
+
+    A single-logit head is binary: the logit explains "positive", its negation "negative", and the
+    probability is its sigmoid. Logging never disturbs training: model modes, BatchNorm statistics,
+    ``.grad`` and the Python/NumPy/torch RNG streams are as before the call.
+    """
+
+    def __init__(
+        self,
+        images: Any,
+        labels: Sequence[int] | torch.Tensor | None = None,
+        *,
+        methods: Sequence[str] = ("gradcam",),
+        layer: Any = "auto",
+        feature_layer: Any = None,
+        n_features: int = 16,
+        target: TargetMode = "both",
+        class_names: Sequence[str] | None = None,
+        sinks: Sequence[Sink | str] | Sink | str = ("tensorboard",),
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        display_images: Any = None,
+        masks: torch.Tensor | None = None,
+        metrics: Sequence[str] = (),
+        prefix: str = "lumos",
+        display_size: int = 128,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        deletion_steps: int = 20,
+    ) -> None:
+        self.images, self.channels_last = to_nchw(images)
+        b = self.images.shape[0]
+        self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1).cpu()
+        if self.labels is not None and len(self.labels) != b:
+            raise LumosError(f"Got {len(self.labels)} labels for {b} probe images; give one per image.")
+        if target not in ("true", "pred", "both"):
+            raise LumosError(f"target must be 'true', 'pred' or 'both', not {target!r}.")
+        if target != "pred" and self.labels is None:
+            warnings.warn("No labels given: explaining the predicted class only.", stacklevel=2)
+            target = "pred"
+        self.target: TargetMode = target
+        self.methods = [str(m).lower() for m in methods]
+        if not self.methods:
+            raise LumosError("Give at least one method to log, e.g. methods=['gradcam'].")
+        self.layer = layer
+        self.feature_layer = feature_layer if feature_layer is not None else layer
+        self.n_features = n_features
+        self.class_names = None if class_names is None else [str(c) for c in class_names]
+        sink_specs = [sinks] if isinstance(sinks, Sink | str) else list(sinks)
+        self.sinks = [make_sink(s) for s in sink_specs]
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        shown = self.images if display_images is None else to_nchw(display_images)[0]
+        if shown.shape[0] != b:
+            raise LumosError(f"display_images has {shown.shape[0]} images; the probe has {b}.")
+        self.display = [display_array(im) for im in shown]
+        self.masks = None if masks is None else torch.as_tensor(masks).bool().cpu()
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown:
+            raise LumosError(f"Unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}.")
+        if "pointing" in metrics and self.masks is None:
+            raise LumosError("The 'pointing' metric needs masks= (the objects' pixels, B x H x W).")
+        self.metrics = list(metrics)
+        self.prefix = prefix
+        self.display_size = display_size
+        self.colormap = colormap
+        self.alpha = alpha
+        self.deletion_steps = deletion_steps
+        self._adapters: dict[int, KerasAdapter] = {}
+
+    # -- when ----------------------------------------------------------------------------------------
+    def due_epoch(self, epoch: int) -> bool:
+        """Whether to log at the end of (0-based) ``epoch``."""
+        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+
+    def due_step(self, step: int) -> bool:
+        """Whether to log after (global) ``step``."""
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    # -- model ---------------------------------------------------------------------------------------
+    def _adapt(self, model: Any) -> tuple[nn.Module, Any, Any]:
+        """(torch module, CAM layer spec, feature layer spec); Keras models get a channels-first adapter."""
+        if not is_keras_model(model):
+            if not isinstance(model, nn.Module):
+                raise LumosError(f"model must be a torch.nn.Module or a Keras 3 model, not {type(model).__name__}.")
+            return model, self.layer, self.feature_layer
+        names = [keras_auto_layer(model) if spec == "auto" else str(spec) for spec in (self.layer, self.feature_layer)]
+        adapter = self._adapters.get(id(model))
+        if adapter is None or adapter.keras_model is not model:
+            adapter = KerasAdapter(model, sorted(set(names)), channels_last=True)
+            self._adapters[id(model)] = adapter
+        return adapter, f"taps.{names[0]}", f"taps.{names[1]}"
+
+    def _name(self, c: int, binary: bool) -> str:
+        if self.class_names is not None and 0 <= c < len(self.class_names):
+            return self.class_names[c]
+        return ("negative", "positive")[c] if binary else str(c)
+
+    # -- logging -------------------------------------------------------------------------------------
+    def log(self, model: Any, step: int) -> list[str]:
+        """Explain the probe images with ``model`` now and send the pictures to every sink at ``step``.
+
+        Returns the image tags written. The model, its gradients and the RNG streams are left as found.
+        """
+        net, layer, flayer = self._adapt(model)
+        with preserve_rng(), preserve_grads(net):
+            items, scalars = self._collect(net, layer, flayer)
+        for sink in self.sinks:
+            sink.log_images(items, step)
+            for tag, value in scalars.items():
+                sink.log_scalar(tag, value, step)
+            sink.flush()
+        return [tag for tag, _, _ in items]
+
+    def _collect(self, net: nn.Module, layer: Any, flayer: Any) -> tuple[list[tuple[str, Image.Image, str]], dict]:
+        try:
+            device = next(net.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+        x = self.images.to(device)
+        with model_guard(net), torch.no_grad():
+            out = net(x)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise LumosError("ExplanationLogger needs a classifier returning (batch, classes) logits.")
+        out = out.detach().float().cpu()
+        binary = out.shape[1] == 1
+        if binary:
+            p_pos = out[:, 0].sigmoid()
+            preds = (p_pos > 0.5).long()
+            probs = torch.stack([1 - p_pos, p_pos], 1)
+        else:
+            probs = out.softmax(1)
+            preds = probs.argmax(1)
+        modes = {"true": ["true"], "pred": ["pred"], "both": ["true", "pred"]}[self.target]
+        items: list[tuple[str, Image.Image, str]] = []
+        scalars: dict[str, float] = {}
+        b = x.shape[0]
+        captions = []
+        for i in range(b):
+            pred = int(preds[i])
+            cap = f"#{i} pred: {self._name(pred, binary)} ({float(probs[i, pred]):.2f})"
+            if self.labels is not None:
+                lab = int(self.labels[i])
+                cap = f"#{i} label: {self._name(lab, binary)}, " + cap[len(f"#{i} "):]
+                cap += f", p(label)={float(probs[i, lab]):.2f}"
+            captions.append(cap)
+        for method in self.methods:
+            if method == FEATURES:
+                fm = feature_maps(net, x, layer=flayer, n=self.n_features)
+                for i in range(b):
+                    grid = channel_tiles(fm.activations[i], fm.top_channels[i])
+                    items.append((f"{self.prefix}/{FEATURES}/{i:02d}", with_caption(grid, captions[i]), captions[i]))
+                continue
+            panels: list[list[Image.Image]] = [[] for _ in range(b)]
+            first_maps = first_classes = None
+            for mode in modes:
+                classes = self.labels if mode == "true" else preds
+                target: Any = classes.tolist()
+                if binary:
+                    signs = (classes.to(device).float() * 2 - 1)
+                    target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
+                ex = explain(net, x, method=method, target=target, layer=layer)
+                maps = ex.maps.detach().float().cpu()
+                if first_maps is None:
+                    first_maps, first_classes = maps, classes
+                for i in range(b):
+                    c = int(classes[i])
+                    head = f"{mode}: {self._name(c, binary)} ({float(probs[i, c]):.2f})"
+                    img = upscale(self.display[i], self.display_size)
+                    panels[i].append(with_caption(overlay(img, maps[i].numpy(), self.colormap, self.alpha), head))
+            for i in range(b):
+                items.append((f"{self.prefix}/{method}/{i:02d}", with_caption(hstack(panels[i]), captions[i]),
+                              captions[i]))
+            scalars.update(self._metrics(net, x, method, first_maps, first_classes, binary))
+        return items, scalars
+
+    def _metrics(self, net: nn.Module, x: torch.Tensor, method: str, maps: torch.Tensor | None,
+                 classes: torch.Tensor | None, binary: bool) -> dict[str, float]:
+        if not self.metrics or maps is None:
+            return {}
+        from lumos.evaluate import Deletion, PointingGame
+
+        out: dict[str, float] = {}
+        if "pointing" in self.metrics:
+            hits = PointingGame()(maps=maps, masks=self.masks)
+            out[f"{self.prefix}/{method}/pointing_game"] = float(hits.nanmean())
+        if "deletion" in self.metrics:
+            targets = None if binary else classes.to(x.device)
+            res = Deletion(steps=self.deletion_steps)(net, x, maps.to(x.device), targets)
+            out[f"{self.prefix}/{method}/deletion_auc"] = float(res.auc.mean())
+        return out
+
+    def close(self) -> None:
+        """Flush and close every sink (and remove hooks put on Keras layers)."""
+        for adapter in self._adapters.values():
+            adapter.remove()
+        self._adapters.clear()
+        for sink in self.sinks:
+            sink.close()
+
+    def __enter__(self) -> ExplanationLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _BinaryTarget:
+    """Score of a single-logit head: ``+logit`` for images explained as positive, ``-logit`` for negative."""
+
+    def __init__(self, signs: torch.Tensor) -> None:
+        self.signs = signs
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return output[:, 0] * self.signs.to(output.device, output.dtype)

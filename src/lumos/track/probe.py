@@ -1,0 +1,172 @@
+"""Probe images: layout (channels-first/last), display copies, captions and panels; the Keras adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import nn
+
+from lumos.errors import LumosError
+
+
+def to_nchw(images: Any) -> tuple[torch.Tensor, bool]:
+    """Probe images as a float (B, C, H, W) tensor, and whether they were given channels-last."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[0] == 0:
+        raise LumosError(f"Probe images must be a (B, C, H, W) or (B, H, W, C) batch; got {tuple(x.shape)}.")
+    channels_last = x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4)
+    if channels_last:
+        x = x.permute(0, 3, 1, 2)
+    return x.detach().float().contiguous(), channels_last
+
+
+def display_array(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) tensor -> (H, W, 3) float in [0, 1] for drawing (min/max scaled if outside [0, 1])."""
+    a = image.detach().float().cpu()
+    if a.shape[0] == 1:
+        a = a.expand(3, -1, -1)
+    a = a[:3]
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0 or hi > 1:
+        a = (a - lo) / max(hi - lo, 1e-12)
+    return a.permute(1, 2, 0).numpy()
+
+
+def upscale(image: np.ndarray, size: int | None) -> Image.Image:
+    """(H, W, 3) float image -> PIL, the longer side scaled to ``size`` (nearest, so pixels stay crisp)."""
+    pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+    if size and max(pil.size) != size:
+        scale = size / max(pil.size)
+        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.NEAREST)
+    return pil
+
+
+_FONT: ImageFont.ImageFont | ImageFont.FreeTypeFont | None = None
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    global _FONT
+    if _FONT is None:
+        _FONT = ImageFont.load_default()
+    return _FONT
+
+
+def with_caption(image: Image.Image, caption: str) -> Image.Image:
+    """The image with ``caption`` written in a white strip below it."""
+    font = _font()
+    draw = ImageDraw.Draw(image)
+    lines = caption.split("\n")
+    line_h = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
+    out = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 2), "white")
+    out.paste(image.convert("RGB"), (0, 0))
+    d = ImageDraw.Draw(out)
+    for k, line in enumerate(lines):
+        d.text((2, image.height + 1 + k * line_h), line, fill="black", font=font)
+    return out
+
+
+def hstack(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:
+    """Images side by side on white, top-aligned."""
+    w = sum(im.width for im in images) + gap * (len(images) - 1)
+    h = max(im.height for im in images)
+    out = Image.new("RGB", (w, h), "white")
+    x = 0
+    for im in images:
+        out.paste(im, (x, 0))
+        x += im.width + gap
+    return out
+
+
+def is_keras_model(model: object) -> bool:
+    """True for a Keras 3 model/layer (any backend)."""
+    return any(c.__module__.startswith("keras") for c in type(model).__mro__)
+
+
+class _Tap(nn.Module):
+    """Identity on a channels-first map: the module lumos records for a channels-last Keras layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class KerasAdapter(nn.Module):
+    """A Keras 3 model on the torch backend seen as a channels-first ``nn.Module`` lumos can explain.
+
+    Inputs are (B, C, H, W) and permuted to the model's channels-last layout. Each requested Keras layer
+    (found with ``model.get_layer``) gets a forward hook that routes its output through ``taps.<name>``;
+    4-D outputs are presented channels-first (B, C, H, W), so every lumos method works unchanged. The
+    Keras model is called with ``training=False`` and is not registered as a submodule, so guarding the
+    adapter never touches Keras' own state.
+    """
+
+    def __init__(self, model: Any, layers: Sequence[str], channels_last: bool = True) -> None:
+        super().__init__()
+        object.__setattr__(self, "keras_model", model)
+        self.channels_last = channels_last
+        self.taps = nn.ModuleDict()
+        self._handles: list[Any] = []
+        for name in layers:
+            try:
+                layer = model.get_layer(name)
+            except ValueError as err:
+                known = ", ".join(lay.name for lay in model.layers)
+                raise LumosError(f"The Keras model has no layer '{name}'. Layers: {known}.") from err
+            tap = _Tap()
+            self.taps[name] = tap
+            self._handles.append(layer.register_forward_hook(self._hook(tap)))
+
+    def _hook(self, tap: _Tap):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                return output
+            if self.channels_last and output.ndim == 4:
+                return tap(output.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            return tap(output)
+
+        return hook
+
+    def remove(self) -> None:
+        """Remove the hooks from the Keras layers."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.ndim == 4:
+            x = x.permute(0, 2, 3, 1)
+        return self.keras_model(x, training=False)
+
+
+def keras_auto_layer(model: Any) -> str:
+    """The last Keras layer with a 4-D (image-like) output: the usual CAM layer."""
+    for layer in reversed(model.layers):
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):
+            continue
+        if len(shape) == 4:
+            return layer.name
+    raise LumosError("No Keras layer with a 4-D output found; pass layer='<name>' (see model.summary()).")
+
+
+def channel_tiles(acts: torch.Tensor, channels: torch.Tensor, cell: int = 48, cols: int | None = None,
+                  colormap: str = "viridis") -> Image.Image:
+    """Grid of chosen channels of a (C, h, w) activation, each min/max scaled; numpy + PIL (fast)."""
+    from lumos.render import colorize
+
+    chosen = [int(c) for c in channels]
+    cols = cols or max(1, int(np.ceil(np.sqrt(len(chosen)))))
+    rows = int(np.ceil(len(chosen) / cols))
+    gap = 2
+    out = Image.new("RGB", (cols * (cell + gap) - gap, rows * (cell + gap) - gap), "white")
+    a = acts.detach().float().cpu().numpy()
+    for k, c in enumerate(chosen):
+        tile = Image.fromarray(colorize(a[c], colormap)).resize((cell, cell), Image.Resampling.NEAREST)
+        out.paste(tile, ((k % cols) * (cell + gap), (k // cols) * (cell + gap)))
+    return out

@@ -43,7 +43,8 @@ def upscale(image: np.ndarray, size: int | None) -> Image.Image:
     pil = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
     if size and max(pil.size) != size:
         scale = size / max(pil.size)
-        pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.Resampling.NEAREST)
+        new = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+        pil = pil.resize(new, Image.Resampling.NEAREST)
     return pil
 
 

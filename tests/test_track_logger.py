@@ -1,0 +1,196 @@
+"""ExplanationLogger in a plain training loop: TensorBoard read back, and 'never disturbs training'."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lumos.errors import LumosError
+from lumos.synthetic import TinyCNN, make_dataset
+from lumos.track import ExplanationLogger, MemorySink, TensorBoardSink
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(16, size=SIZE, seed=3)
+
+
+class DropCNN(nn.Module):
+    """Conv-BN-ReLU with dropout: training consumes the RNG, so a disturbed stream would show."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.drop = nn.Dropout(0.3)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.features(x).mean((2, 3))))
+
+
+def train(model: nn.Module, data, epochs: int = 1, logger: ExplanationLogger | None = None, seed: int = 0) -> None:
+    """A plain loop; the logger runs between backward() and step(), the most delicate place."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(data.labels))
+        for lo in range(0, len(order), 8):
+            idx = order[lo:lo + 8]
+            x = data.images[idx] + 0.01 * torch.randn(len(idx), 3, SIZE, SIZE) * float(np.random.rand())
+            if random.random() < 0.5:
+                x = x.flip(-1)
+            loss = nn.functional.cross_entropy(model(x), data.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            if logger is not None and logger.due_step(step):
+                logger.log(model, step)
+            opt.step()
+            step += 1
+        if logger is not None and logger.due_epoch(epoch):
+            logger.log(model, epoch)
+
+
+def test_plain_loop_tensorboard_read_back(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = TinyCNN()
+    logger = ExplanationLogger(
+        data.images[:3], data.labels[:3], methods=["gradcam", "features"], layer="features.block4",
+        class_names=data.class_names, sinks=[TensorBoardSink(tmp_path / "tb")], masks=data.masks[:3],
+        metrics=["pointing"], every_n_epochs=1,
+    )
+    train(model, data, epochs=2, logger=logger)
+    logger.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = sorted(acc.Tags()["images"])
+    assert tags == sorted(f"lumos/{m}/{i:02d}" for m in ("gradcam", "features") for i in range(3))
+    for tag in tags:
+        events = acc.Images(tag)
+        assert [e.step for e in events] == [0, 1]
+        assert events[0].width > SIZE and events[0].height > SIZE
+    assert [e.step for e in acc.Scalars("lumos/gradcam/pointing_game")] == [0, 1]
+
+
+def test_captions_both_targets_side_by_side(data):
+    sink = MemorySink()
+    model = TinyCNN().eval()
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], class_names=data.class_names, sinks=[sink],
+                               layer="features.block4", display_size=64)
+    tags = logger.log(model, 5)
+    assert tags == ["lumos/gradcam/00", "lumos/gradcam/01"]
+    step, image, caption = sink.images["lumos/gradcam/00"][0]
+    assert step == 5 and image.width > 2 * 64  # true-label and predicted panels side by side
+    with torch.no_grad():
+        p = model(data.images[:1]).softmax(1)[0]
+    pred = int(p.argmax())
+    assert caption == (f"#0 label: {data.class_names[int(data.labels[0])]}, pred: {data.class_names[pred]} "
+                       f"({float(p[pred]):.2f}), p(label)={float(p[int(data.labels[0])]):.2f}")
+    single = ExplanationLogger(data.images[:2], data.labels[:2], target="pred", sinks=[MemorySink()])
+    single.log(model, 0)
+    assert single.sinks[0].images["lumos/gradcam/00"][0][1].width < image.width
+
+
+class Binary(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_binary_head_explains_logit_and_its_negation(data):
+    torch.manual_seed(0)
+    model = Binary().eval()
+    x = data.images[:4]
+    labels = torch.tensor([1, 0, 1, 0])
+    sink = MemorySink()
+    logger = ExplanationLogger(x, labels, sinks=[sink], target="true", layer="features", metrics=["deletion"])
+    logger.log(model, 0)
+    with torch.no_grad():
+        p = torch.sigmoid(model(x)[:, 0])
+    cap = sink.images["lumos/gradcam/01"][0][2]
+    pred = "positive" if p[1] > 0.5 else "negative"
+    assert f"label: negative, pred: {pred}" in cap and f"p(label)={1 - float(p[1]):.2f}" in cap
+    # the negative class's map is Grad-CAM of -logit: the mirror of the positive map before ReLU
+    import lumos
+
+    pos = lumos.explain(model, x, target=lambda o: o[:, 0], layer="features", relu=False, normalize=None)
+    neg = lumos.explain(model, x, target=lambda o: -o[:, 0], layer="features", relu=False, normalize=None)
+    assert torch.allclose(pos.raw, -neg.raw, atol=1e-6)
+    assert "lumos/gradcam/deletion_auc" in sink.scalars
+
+
+def _snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [m.training for m in model.modules()],
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        [p.requires_grad for p in model.parameters()],
+    )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_log_leaves_model_grads_and_rng_alone(data, mode):
+    torch.manual_seed(1)
+    model = DropCNN()
+    getattr(model, mode)()
+    model.features[1].momentum = 0.5
+    nn.functional.cross_entropy(model(data.images[:4]), data.labels[:4]).backward()  # .grad populated
+    model.fc.weight.grad = None  # and one left empty
+    before = _snapshot(model)
+    grad_mode = torch.is_grad_enabled()
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    logger = ExplanationLogger(data.images[:4], data.labels[:4], methods=["gradcam", "gradcam++", "features"],
+                               layer="features", sinks=[MemorySink()], metrics=["deletion"])
+    logger.log(model, 0)
+    after = _snapshot(model)
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])  # BN running stats, weights
+    assert before[1] == after[1]  # train/eval flags
+    assert before[3] == after[3]
+    for g0, g1 in zip(before[2], after[2], strict=True):
+        assert (g0 is None and g1 is None) or torch.equal(g0, g1)
+    assert torch.is_grad_enabled() == grad_mode
+    assert torch.equal(rng[0], torch.get_rng_state())
+    assert np.array_equal(rng[1], np.random.get_state()[1]) and rng[2] == random.getstate()
+
+
+def test_training_with_and_without_logger_gives_identical_weights(data):
+    torch.manual_seed(7)
+    init = DropCNN().state_dict()
+    plain, watched = DropCNN(), DropCNN()
+    plain.load_state_dict(init)
+    watched.load_state_dict(init)
+    train(plain, data, epochs=1)
+    logger = ExplanationLogger(data.images[:4], data.labels[:4], methods=["gradcam", "features"], layer="features",
+                               sinks=[MemorySink()], every_n_steps=1, every_n_epochs=1)
+    train(watched, data, epochs=1, logger=logger)
+    assert len(logger.sinks[0].images["lumos/gradcam/00"]) == 3  # 2 steps + the epoch end
+    a, b = plain.state_dict(), watched.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # and the logger changed nothing that would have differed anyway: weights moved from the init
+    assert not torch.equal(a["fc.weight"], init["fc.weight"])
+
+
+def test_errors(data, monkeypatch):
+    with pytest.raises(LumosError, match="labels"):
+        ExplanationLogger(data.images[:2], [0], sinks=[MemorySink()])
+    with pytest.raises(LumosError, match="masks"):
+        ExplanationLogger(data.images[:2], [0, 1], sinks=[MemorySink()], metrics=["pointing"])
+    with pytest.warns(UserWarning, match="predicted"):
+        ExplanationLogger(data.images[:2], sinks=[MemorySink()])
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(LumosError, match=r"pip install 'lumos\[wandb\]'"):
+        ExplanationLogger(data.images[:2], [0, 1], sinks=["wandb"])

@@ -64,7 +64,7 @@ def evaluate(
         if sanity:
             from lumos.synthetic import make_dataset
 
-            picture = make_dataset(1, seed=123).images[0].permute(1, 2, 0).numpy()
+            picture = make_dataset(n, seed=123).images[0].permute(1, 2, 0).numpy()
     else:
         if not images:
             raise LumosError("Give image files or directories to evaluate, or --benchmark synthetic.")

@@ -1,0 +1,105 @@
+"""The synthetic ground-truth benchmark, the sanity checks, and the `lumos evaluate` command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from lumos.evaluate import CascadingRandomisation, RandomLogit
+from lumos.evaluate.benchmark import synthetic_benchmark
+from lumos.synthetic import load_tinycnn, make_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradcam_ranks_well_above_random_on_the_synthetic_benchmark():
+    report = synthetic_benchmark(["gradcam"], n=40, steps=8)
+    g, r = report.rows["gradcam"], report.rows["random"]
+    assert g["pointing_game"] >= 0.85 and r["pointing_game"] <= 0.2
+    assert g["pointing_game"] - r["pointing_game"] >= 0.6
+    assert g["energy_pointing_game"] > 3 * r["energy_pointing_game"]
+    assert g["insertion_auc"] > r["insertion_auc"] and g["deletion_auc"] < r["deletion_auc"]
+    assert report.best()["pointing_game"] == "gradcam"
+
+
+def test_gradcam_decorrelates_as_layers_are_randomised():
+    data = make_dataset(8, seed=123)
+    model = load_tinycnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = CascadingRandomisation("gradcam", layer="features.block4")(model, data.images, targets=data.labels)
+    assert res.layers[0] == "fc" and res.layers[-1] == "features.block1.conv"
+    rho = res.spearman.mean(1)
+    assert rho.max() < 0.6 and rho[-1] < 0.2  # the original map correlates 1.0 with itself
+    assert res.ssim.mean(1)[-1] < 0.6
+    assert res.maps.shape == (len(res.layers) + 1, 8, 64, 64)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the copy was randomised
+
+
+def test_random_logit_check_gives_dissimilar_maps():
+    data = make_dataset(8, seed=123)
+    res = RandomLogit("gradcam", layer="features.block4")(load_tinycnn(), data.images)
+    assert (res.other_classes != res.classes).all()
+    assert res.spearman.mean() < 0.5
+
+
+# -- the command ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def main():
+    import lumos.cli as cli
+    from lumos.cli_evaluate import register
+
+    register(cli.app)  # what the one line in cli.py does
+    return cli.main
+
+
+def test_evaluate_benchmark_writes_table_csv_json_and_pngs(main, tmp_path, capsys):
+    out = tmp_path / "ev"
+    code = main(["evaluate", "--benchmark", "synthetic", "--methods", "gradcam", "--n", "12", "--steps", "4",
+                 "--out", str(out), "--sanity"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "pointing game" in text and "gradcam" in text and "random" in text and "*" in text
+    for name in ("evaluation.csv", "evaluation.json", "curves.png", "sanity.png"):
+        assert (out / name).stat().st_size > 0
+    data = json.loads((out / "evaluation.json").read_text())
+    assert data["best"]["pointing_game"] == "gradcam"
+    assert len(data["curves"]["gradcam"]["deletion"]) == 5
+    assert data["sanity"]["gradcam"]["layers"][0] == "fc"
+    assert (out / "evaluation.csv").read_text().splitlines()[0].startswith("method,pointing_game")
+
+
+def test_evaluate_images_with_the_zoo_model(main, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(40, 50, 3, generator=g) * 255).byte().numpy()).save(img)
+    out = tmp_path / "ev"
+    code = main(["evaluate", str(img), "--methods", "gradcam", "--steps", "4", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "deletion AUC" in text and "pointing game" not in text
+    assert (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["evaluate"], "Give image files"),
+        (["evaluate", "--benchmark", "mnist"], "Unknown benchmark"),
+        (["evaluate", "--benchmark", "synthetic", "--methods", "gradcamm"], "Unknown method"),
+        (["evaluate", "/no/such/file.png"], "no such file"),
+        (["evaluate", "--benchmark", "synthetic", "--steps", "0"], "positive"),
+    ],
+)
+def test_evaluate_bad_input_is_one_line(main, capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

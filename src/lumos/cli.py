@@ -299,6 +299,9 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(kinds)
 
 
+from lumos.cli_app import register as _register_app; _register_app(app)  # noqa: E402, E702, I001
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user mistakes into one-line errors."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")

@@ -1,0 +1,64 @@
+"""``lumos app``: start the Streamlit web app (registered on the main Typer app by ``register``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lumos.errors import LumosError
+
+
+def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Path | None = None,
+                size: int | None = None, mean: str | None = None, std: str | None = None,
+                labels: Path | None = None, browser: bool = False) -> list[str]:
+    """The ``streamlit run`` command line that serves the app (headless unless ``browser``)."""
+    from lumos.app import SCRIPT
+
+    cmd = [sys.executable, "-m", "streamlit", "run", str(SCRIPT), "--server.port", str(port),
+           "--server.address", "localhost", "--server.headless", "false" if browser else "true",
+           "--browser.gatherUsageStats", "false", "--", "--model", model]
+    for flag, value in (("--weights", weights), ("--size", size), ("--mean", mean), ("--std", std),
+                        ("--labels", labels)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``app`` command to the ``lumos`` Typer app."""
+
+    @app.command("app")
+    def run_app(
+        model: Annotated[str, typer.Option("--model", "-m", help="Zoo name or package.module:callable.")] = (
+            "efficientnet_lite0"
+        ),
+        port: Annotated[int, typer.Option(help="Port on localhost.")] = 8501,
+        weights: Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")] = None,
+        size: Annotated[int | None, typer.Option(help="Input size for a user model (square).")] = None,
+        mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")] = None,
+        std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")] = None,
+        labels: Annotated[Path | None, typer.Option(help="Text file with one class name per line.")] = None,
+        browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
+    ) -> None:
+        """Start the interactive saliency explorer (Streamlit) on http://localhost:PORT."""
+        try:
+            import streamlit  # noqa: F401
+        except ImportError:
+            raise LumosError("The web app needs Streamlit: pip install 'lumos[app]'.") from None
+        if not 0 < port < 65536:
+            raise LumosError(f"--port must be between 1 and 65535, got {port}.")
+        cmd = app_command(model, port, weights, size, mean, std, labels, browser)
+        if os.name == "posix":  # become the server: signals (Ctrl-C, SIGTERM) reach Streamlit directly
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(cmd[0], cmd)
+        try:
+            code = subprocess.call(cmd)
+        except KeyboardInterrupt:
+            code = 130
+        raise typer.Exit(code)

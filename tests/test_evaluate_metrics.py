@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from lumos.errors import LumosError
-from lumos.evaluate._common import minmax
 from lumos.evaluate import (
     AverageDropIncrease,
     CascadingRandomisation,
@@ -28,6 +27,7 @@ from lumos.evaluate import (
     spearman,
     ssim,
 )
+from lumos.evaluate._common import minmax
 from lumos.synthetic import load_tinycnn, make_dataset
 
 

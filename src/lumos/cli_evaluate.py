@@ -20,8 +20,12 @@ DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
 
 def evaluate(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")] = "efficientnet_lite0",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods, or 'all' (see `lumos methods`).")] = DEFAULT_METHODS,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")
+    ] = "efficientnet_lite0",
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods, or 'all' (see `lumos methods`).")
+    ] = DEFAULT_METHODS,
     benchmark: Annotated[str | None, typer.Option(help="Run a ground-truth benchmark instead: synthetic.")] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("evaluation"),
     sanity: Annotated[bool, typer.Option(help="Add the cascading randomisation test and sanity.png.")] = False,
@@ -68,7 +72,6 @@ def evaluate(
     else:
         if not images:
             raise LumosError("Give image files or directories to evaluate, or --benchmark synthetic.")
-        from lumos.cli import _floats
         from lumos.io import find_images, load_image
 
         bundle = _load(model, weights, size, mean, std, None)
@@ -87,7 +90,6 @@ def evaluate(
         )
         report.meta.update({"model": model, "images": [str(f) for f in files]})
         picture = bundle.preprocess.denormalize(x[:1])[0].permute(1, 2, 0).numpy()
-        del _floats
     for name, why in report.failures.items():
         err_console.print(f"warning: {name} skipped: {why}", highlight=False, markup=False)
     if not report.rows:

@@ -162,7 +162,8 @@ def plot_sanity(report: EvaluationReport, path: str | Path, image: np.ndarray | 
                 title, arr = panels[c]
                 ax.imshow(arr, cmap=None if arr.ndim == 3 else "jet", vmin=None if arr.ndim == 3 else 0)
                 ax.set_title(title, fontsize=6)
-        axes[r][0].text(-0.1, 0.5, name, transform=axes[r][0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
+        first = axes[r][0]
+        first.text(-0.1, 0.5, name, transform=first.transAxes, rotation=90, va="center", ha="right", fontsize=8)
     fig.suptitle("cascading randomisation (output layers first, left to right)", fontsize=9)
     fig.tight_layout()
     _save(fig, path)

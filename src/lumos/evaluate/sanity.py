@@ -63,7 +63,10 @@ def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win_size: in
     return s.flatten(1).mean(1).float()
 
 
-def make_explainer(explainer: Explainer, **kwargs: Any) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+MapFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_explainer(explainer: Explainer, **kwargs: Any) -> MapFn:
     """``fn(model, images, classes) -> maps (B, H, W)`` from a method name (with its keyword arguments)."""
     if callable(explainer):
         return explainer

@@ -169,6 +169,11 @@ class MlflowSink(Sink):
         uri = str(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "mlruns")
         if "://" not in uri and not uri.startswith(("sqlite:", "databricks")):
             uri = Path(uri).resolve().as_uri()  # a plain directory: the local file store
+        if uri.startswith("file:") and "MLFLOW_ALLOW_FILE_STORE" not in os.environ:
+            # MLflow 3 keeps the file store behind this switch; a local store is what was asked for here
+            # (mlflow-skinny has no SQL backend). Process-wide, as MLflow reads it at every store access.
+            log.info("Setting MLFLOW_ALLOW_FILE_STORE=true for the local MLflow file store %s", uri)
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
         self.tracking_uri = uri
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         self._owned = run_id is None

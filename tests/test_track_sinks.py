@@ -1,0 +1,154 @@
+"""W&B (offline) and MLflow (local file store) sinks, read back through each tool's own files/client."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+
+from lumos.synthetic import TinyCNN, make_dataset
+from lumos.track import ExplanationLogger, MlflowSink, WandbSink
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_dataset(16, size=SIZE, seed=4)
+
+
+def short_training(model: torch.nn.Module, data, logger: ExplanationLogger, epochs: int = 2) -> None:
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for epoch in range(epochs):
+        model.train()
+        for lo in range(0, len(data.labels), 8):
+            loss = torch.nn.functional.cross_entropy(model(data.images[lo:lo + 8]), data.labels[lo:lo + 8])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        if logger.due_epoch(epoch):
+            logger.log(model, epoch)
+
+
+def read_wandb_records(path) -> list[bytes]:
+    """Records of a ``.wandb`` file: W&B's LevelDB-style log (7-byte file header ``:W&B`` + magic + version,
+    32 KiB blocks, each record chunk prefixed by crc32 (4), length (2), type (1: full, 2-4: first/middle/last))."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, out, partial = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        partial = chunk if kind in (1, 2) else partial + chunk
+        if kind in (1, 4):
+            out.append(partial)
+            partial = b""
+    return out
+
+
+def wandb_history(run_dir) -> list[dict]:
+    """History rows of an offline run, parsed from its ``.wandb`` file with wandb's own protobuf schema."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("*.wandb")
+    for _ in range(300):  # wandb-core may still be writing after finish(): wait for the exit record
+        records = [wandb_internal_pb2.Record.FromString(raw) for raw in read_wandb_records(path)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+    rows = []
+    for rec in records:
+        if rec.WhichOneof("record_type") == "history":
+            row: dict = {}
+            for item in rec.history.item:  # keys are nested: ("lumos/gradcam/00", "caption")
+                *outer, last = list(item.nested_key) or [item.key]
+                node = row
+                for k in outer:
+                    node = node.setdefault(k, {})
+                node[last] = json.loads(item.value_json)
+            rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    return tmp_path
+
+
+def test_wandb_offline_own_run(wandb_env, data):
+    sink = WandbSink(project="lumos-test", dir=wandb_env)
+    run_dir = sink.run.dir  # .../offline-run-*/files
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], methods=["gradcam", "features"],
+                               layer="features.block4", sinks=[sink], masks=data.masks[:2], metrics=["pointing"])
+    short_training(TinyCNN(), data, logger)
+    logger.close()
+    from pathlib import Path
+
+    rows = wandb_history(Path(run_dir).parent)
+    image_rows = [r for r in rows if "lumos/gradcam/00" in r]
+    assert image_rows, [list(r) for r in rows]
+    assert [r["_step"] for r in image_rows] == [0, 1]
+    keys = {k for r in image_rows for k in r if k.startswith("lumos/") and not k.endswith("pointing_game")}
+    assert keys == {f"lumos/{m}/{i:02d}" for m in ("gradcam", "features") for i in range(2)}
+    assert image_rows[0]["lumos/gradcam/00"]["_type"] == "image-file"
+    assert "label:" in image_rows[0]["lumos/gradcam/00"]["caption"]
+    media = sorted(p.name for p in (Path(run_dir) / "media" / "images" / "lumos" / "gradcam").glob("*.png"))
+    assert len(media) == 4 and sum(m.startswith("00_") for m in media) == 2  # 2 probes x 2 epochs
+    assert [r["lumos/gradcam/pointing_game"] for r in rows if "lumos/gradcam/pointing_game" in r] != []
+
+
+def test_wandb_inside_existing_run(wandb_env, data):
+    import wandb
+
+    run = wandb.init(project="lumos-test", mode="offline", dir=str(wandb_env))
+    try:
+        run.log({"loss": 1.0}, step=10)  # the user's own step is ahead of ours
+        sink = WandbSink()
+        assert sink.run is run
+        logger = ExplanationLogger(data.images[:2], data.labels[:2], sinks=[sink], layer="features.block4")
+        short_training(TinyCNN(), data, logger)
+        logger.close()  # does not finish the user's run
+        run_dir = __import__("pathlib").Path(run.dir).parent
+    finally:
+        run.finish()
+    rows = [r for r in wandb_history(run_dir) if "lumos/gradcam/00" in r]
+    assert [r["lumos/step"] for r in rows] == [0, 1]
+
+
+def test_mlflow_local_file_store(tmp_path, data, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # the sink switches it on for a local store
+    sink = MlflowSink(tracking_uri=tmp_path / "mlruns", experiment="watch")
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], methods=["gradcam", "features"],
+                               layer="features.block4", sinks=[sink], metrics=["deletion"], deletion_steps=4)
+    short_training(TinyCNN(), data, logger)
+    logger.close()
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
+    run = client.get_run(sink.run_id)
+    assert run.info.status == "FINISHED"
+    files = [f.path for f in client.list_artifacts(sink.run_id, "images")]
+    pngs = [f for f in files if f.endswith(".png")]
+    # one image per tag and step: 2 methods x 2 probes x 2 epochs
+    assert len(pngs) == 8
+    # MLflow names them <key with / as ~>+step+<step>+timestamp+...png
+    found = sorted(re.match(r"images/(.+)\+step\+(\d+)\+", p).groups() for p in pngs)
+    assert found == sorted((f"lumos~{m}~{i:02d}", str(s)) for m in ("gradcam", "features") for i in range(2)
+                           for s in range(2))
+    hist = client.get_metric_history(sink.run_id, "lumos/gradcam/deletion_auc")
+    assert sorted(m.step for m in hist) == [0, 1]

@@ -426,3 +426,19 @@ def build_zip(image_name: str, image: Image.Image, results: dict[str, MethodResu
 
 def file_stem(method: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", method.replace("++", "pp"))
+
+
+def top5_html(top: Sequence[tuple[int, str, float]]) -> str:
+    """The top-k table as HTML (class, index, probability and a bar): real DOM text, readable by tests
+    and screen readers alike."""
+    from html import escape
+
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td><td style='text-align:right'>{idx}</td>"
+        f"<td style='text-align:right'>{p:.3f}</td>"
+        f"<td style='width:40%'><div style='background:#ff4b4b;height:0.8em;border-radius:3px;"
+        f"width:{max(0.0, min(1.0, p)) * 100:.1f}%'></div></td></tr>"
+        for idx, name, p in top
+    )
+    return ("<table data-testid='lumos-top5' style='width:100%'><thead><tr><th>class</th><th>index</th>"
+            f"<th>probability</th><th></th></tr></thead><tbody>{rows}</tbody></table>")

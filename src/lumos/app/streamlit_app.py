@@ -167,12 +167,7 @@ except Exception as err:
 left, right = st.columns([1, 1])
 with left:
     st.subheader("Top-5 predictions")
-    st.dataframe(
-        {"class": [n for _, n, _ in top], "index": [i for i, _, _ in top], "probability": [p for _, _, p in top]},
-        column_config={"probability": st.column_config.ProgressColumn("probability", format="%.3f",
-                                                                      min_value=0.0, max_value=1.0)},
-        hide_index=True,
-    )
+    st.markdown(logic.top5_html(top), unsafe_allow_html=True)
 with right:
     st.subheader("Class to explain")
 

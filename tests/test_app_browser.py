@@ -1,0 +1,161 @@
+"""End to end in a real browser: ``lumos app`` on a free localhost port, driven by headless Chromium.
+
+Uploads the bundled cat photo, chooses Grad-CAM and guided backprop, waits for both results, checks the
+top-5 table shows a cat class, and saves a screenshot (``LUMOS_SCREENSHOT_DIR``, default: pytest's tmp
+dir). Prints the time from upload to the first Grad-CAM result (``pytest -s`` shows it; not asserted).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import lumos
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+CATS = ("Egyptian cat", "tabby", "tiger cat")
+TIMEOUT_MS = 120_000  # generous: the machine is shared
+
+pytestmark = [
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (make installs Debian's chromium)"),
+]
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("streamlit")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _lumos_command() -> list[str]:
+    script = Path(sys.executable).with_name("lumos")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from lumos.cli import main; sys.exit(main())"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate the server's whole process group; kill it if it does not exit."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def server(tmp_path):
+    """``lumos app --port P`` in its own process group; stopped on every exit path."""
+    port = _free_port()
+    log = (tmp_path / "server.log").open("wb")
+    env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "HOME": str(tmp_path)}
+    proc = subprocess.Popen([*_lumos_command(), "app", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    try:
+        url = f"http://localhost:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"lumos app exited with {proc.returncode}: {(tmp_path / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("lumos app did not answer /_stcore/health within 90 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def cat_jpeg(tmp_path) -> Path:
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    path = tmp_path / "chelsea.jpg"
+    Image.fromarray(skdata.chelsea()).save(path, quality=92)
+    return path
+
+
+def _pick_method(page, display: str) -> None:
+    box = page.locator('section[data-testid="stSidebar"] [data-testid="stMultiSelect"]').first
+    box.locator("input").click()
+    box.locator("input").fill(display)
+    page.get_by_role("option", name=display, exact=True).click()
+    page.keyboard.press("Escape")
+
+
+def _result(page, caption_prefix: str):
+    """The result image (in the main area) whose caption starts with ``caption_prefix``."""
+    return page.locator('[data-testid="stMain"] [data-testid="stImage"]').filter(
+        has=page.locator('[data-testid="stImageCaption"]', has_text=caption_prefix)
+    ).locator("img")
+
+
+def test_upload_explain_in_browser(server, cat_jpeg, tmp_path):
+    out = Path(os.environ.get("LUMOS_SCREENSHOT_DIR", tmp_path))
+    second = "guided_backprop" if "guided_backprop" in lumos.methods() else None
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server)
+            page.get_by_text("Upload an image or pick an example").wait_for()
+
+            start = time.perf_counter()
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(cat_jpeg))
+            gradcam = _result(page, "Grad-CAM @")
+            gradcam.wait_for(state="visible")
+            page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=gradcam.element_handle())
+            elapsed = time.perf_counter() - start
+            print(f"\nupload -> first Grad-CAM result: {elapsed:.2f} s")
+
+            if second is not None:
+                _pick_method(page, "Guided backprop")
+                guided = _result(page, "Guided backprop")
+                guided.wait_for(state="visible")
+                page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=guided.element_handle())
+            else:
+                print("guided_backprop is not registered: only Grad-CAM was checked")
+            assert _result(page, "Grad-CAM @").count() == 1
+
+            top5 = page.locator("table[data-testid='lumos-top5']")
+            text = top5.inner_text()
+            assert any(c in text for c in CATS), text
+            assert not page.get_by_text("Traceback").count()
+
+            page.wait_for_timeout(500)  # let the last frame paint
+            out.mkdir(parents=True, exist_ok=True)
+            shot = out / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+        finally:
+            browser.close()
+    if os.environ.get("LUMOS_SCREENSHOT_COPY"):  # by hand: LUMOS_SCREENSHOT_COPY=docs/images/app.png
+        shutil.copy(shot, os.environ["LUMOS_SCREENSHOT_COPY"])

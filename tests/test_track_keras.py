@@ -1,0 +1,92 @@
+"""LumosKerasCallback with a Keras 3 functional model on the torch backend."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported anywhere in this process
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "torch":
+    pytest.skip("keras was imported earlier with another backend", allow_module_level=True)
+
+from lumos.synthetic import make_dataset  # noqa: E402
+from lumos.track import ExplanationLogger, MemorySink, TensorBoardSink  # noqa: E402
+from lumos.track.keras import LumosKerasCallback  # noqa: E402
+
+
+def build(num_classes: int = 4) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv1")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    out = keras.layers.Dense(num_classes, name="fc")(x)
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = make_dataset(16, size=32, seed=6)
+    return d.images.permute(0, 2, 3, 1).numpy(), d.labels.numpy(), d.class_names
+
+
+def test_keras_fit_to_tensorboard(tmp_path, data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x, y, names = data
+    model = build()
+    logger = ExplanationLogger(x[:2], y[:2], methods=["gradcam", "features"], layer="conv2", feature_layer="conv1",
+                               class_names=names, sinks=[TensorBoardSink(tmp_path)])
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[LumosKerasCallback(logger)])
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    tags = sorted(acc.Tags()["images"])
+    assert tags == ["lumos/features/00", "lumos/features/01", "lumos/gradcam/00", "lumos/gradcam/01"]
+    assert all([e.step for e in acc.Images(t)] == [0, 1] for t in tags)
+    assert not model.get_layer("conv2")._forward_hooks  # hooks removed at the end of training
+
+
+def test_keras_channels_last_maps_match_a_direct_gradcam(data):
+    import lumos
+
+    x, y, _ = data
+    model = build()
+    sink = MemorySink()
+    logger = ExplanationLogger(x[:3], y[:3], layer="auto", target="true", sinks=[sink])
+    net, layer, _ = logger._adapt(model)
+    assert layer == "taps.conv2"  # auto: the last 4-D Keras layer
+    ex = lumos.explain(net, torch.as_tensor(x[:3]).permute(0, 3, 1, 2), target=[int(v) for v in y[:3]], layer=layer,
+                       relu=False, normalize=None, upsample="nearest")
+    # reference Grad-CAM by hand, channels-last, through a Keras sub-model
+    sub = keras.Model(model.inputs, [model.get_layer("conv2").output, model.output])
+    xt = torch.as_tensor(x[:3])
+    acts, out = sub(xt, training=False)
+    score = out.gather(1, torch.as_tensor(y[:3]).long()[:, None]).sum()
+    (g,) = torch.autograd.grad(score, acts)
+    ref = (g.mean((1, 2))[:, None, None, :] * acts).sum(-1).detach()
+    assert torch.allclose(ex.raw, ref, atol=1e-5)
+    assert ex.raw.shape == (3, 32, 32)
+    logger.close()
+
+
+def test_keras_logging_does_not_change_training(data):
+    x, y, _ = data
+    plain, watched = build(), build()
+    watched.set_weights(plain.get_weights())
+    keras.utils.set_random_seed(1)
+    plain.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=True)
+    logger = ExplanationLogger(x[:2], y[:2], layer="conv2", sinks=[MemorySink()], every_n_steps=1)
+    keras.utils.set_random_seed(1)
+    watched.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=True, callbacks=[LumosKerasCallback(logger)])
+    assert len(logger.sinks[0].images["lumos/gradcam/00"]) == 3  # 2 batches + the epoch end
+    for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):  # incl. BN moving stats
+        np.testing.assert_array_equal(a, b)

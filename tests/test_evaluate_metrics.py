@@ -278,3 +278,21 @@ def test_bad_inputs_are_one_line_errors(tiny, synth):
     with pytest.raises(LumosError, match="no such module"):
         CascadingRandomisation("gradcam", layers=["nope"])(tiny, x)
     assert np.isfinite(Deletion(steps=4)(tiny, x, torch.zeros(2, 64, 64)).auc.numpy()).all()
+
+
+# -- axioms ------------------------------------------------------------------------------------------------
+def test_completeness_on_a_linear_model():
+    from lumos.evaluate import Completeness
+
+    torch.manual_seed(0)
+    model = Linear2((3, 8, 8))
+    x = torch.randn(4, 3, 8, 8)
+    exact = model.w[0].detach() * x  # gradient x input = IG for a linear model with a zero baseline
+    res = Completeness()(model, x, exact, 0)
+    assert res.delta.max() < 1e-5
+    assert (Completeness()(model, x, exact * 1.5, 0).relative > 0.4).all()
+    import lumos
+
+    if "integrated_gradients" in lumos.methods():
+        raw = lumos.explain(model, x, method="integrated_gradients", target=0).raw
+        assert Completeness()(model, x, raw, 0).relative.max() < 1e-3

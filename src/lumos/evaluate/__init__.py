@@ -4,6 +4,7 @@ Every metric is an object configured once and called on ``(model, images, maps, 
 """
 
 from lumos.evaluate._common import boxes_to_masks, masks_to_boxes
+from lumos.evaluate.axioms import Completeness, CompletenessResult
 from lumos.evaluate.faithfulness import (
     AverageDropIncrease,
     CurveResult,
@@ -29,6 +30,8 @@ __all__ = [
     "AverageDropIncrease",
     "CascadingRandomisation",
     "CascadingResult",
+    "Completeness",
+    "CompletenessResult",
     "CurveResult",
     "Deletion",
     "DropResult",

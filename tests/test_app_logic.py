@@ -209,3 +209,10 @@ def test_zip_holds_everything():
         assert np.load(io.BytesIO(zf.read("gradcampp_raw.npy"))).shape == (2, 2)
         meta = json.loads(zf.read("settings.json"))
         assert meta["methods"]["gradcam++"]["target"] == 5
+
+
+def test_thread_count():
+    assert logic.thread_count(None, 2) == 1
+    assert logic.thread_count(None, 16) == 4
+    assert logic.thread_count("3", 2) == 3
+    assert logic.thread_count("x", None) == 1

@@ -110,6 +110,25 @@ def load_bundle(config: AppConfig):
     return bundle
 
 
+def thread_count(env: str | None, cpus: int | None) -> int:
+    """Torch intra-op threads for the app: ``env`` if it is a positive integer, else half the cores (1..4)."""
+    if env and env.strip().isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, min(4, (cpus or 2) // 2))
+
+
+def warm_up(bundle) -> None:
+    """One forward and one Grad-CAM-style backward on a blank image, so the first upload pays no start-up."""
+    x = bundle.preprocess([Image.new("RGB", (224, 224), (128, 128, 128))])
+    try:
+        import lumos
+
+        lumos.explain(bundle.model, x, method="gradcam")
+    except Exception:  # warming is best effort (e.g. a model without a spatial layer)
+        with torch.no_grad():
+            bundle.model(x)
+
+
 def describe_error(err: BaseException) -> str:
     """A short message for the page: the LumosError text, or the exception type and first line."""
     if isinstance(err, LumosError):

@@ -16,7 +16,9 @@ import torch
 
 from lumos.app import logic
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Half the cores, at most 4 (LUMOS_APP_THREADS overrides): on a small shared machine extra intra-op threads
+# spin-wait against other processes, and one thread was ~20x faster than two on a loaded 2-core box.
+torch.set_num_threads(logic.thread_count(os.environ.get("LUMOS_APP_THREADS"), os.cpu_count()))
 
 st.set_page_config(page_title="lumos: where does the model look?", layout="wide")
 
@@ -31,7 +33,9 @@ MODEL_KEY = json.dumps(CONFIG.__dict__, sort_keys=True, default=list)
 def get_bundle(model_key: str):
     cfg = json.loads(model_key)
     cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    return logic.load_bundle(logic.AppConfig(**cfg))
+    bundle = logic.load_bundle(logic.AppConfig(**cfg))
+    logic.warm_up(bundle)
+    return bundle
 
 
 @st.cache_resource(show_spinner=False)

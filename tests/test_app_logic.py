@@ -91,6 +91,7 @@ def test_upload_predicts_and_explains_then_class_and_method_change(cat_jpeg):
     espresso = next(n for n in at.selectbox(key="search").options if n.startswith("967:"))
     at.selectbox(key="search").set_value(espresso).run()
     assert "**967: espresso**" in _target_caption(at)
+    assert at.radio[0].value is None  # the top-5 choice is cleared while a searched class is shown
     # clicking a top-5 class again clears the search
     at.radio[0].set_value(0).run()
     assert "**285: " in _target_caption(at) and at.selectbox(key="search").value is None

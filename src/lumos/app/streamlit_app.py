@@ -175,15 +175,21 @@ with left:
 with right:
     st.subheader("Class to explain")
 
+    top5_key = f"top5_{image_hash}_{MODEL_KEY}"
+
     def _clear_search() -> None:
         st.session_state.search = None
 
-    top_choice = st.radio("Top-5", range(len(top)), horizontal=True, key=f"top5_{image_hash}_{MODEL_KEY}",
+    def _clear_top5() -> None:
+        if st.session_state.get("search"):
+            st.session_state[top5_key] = None
+
+    top_choice = st.radio("Top-5", range(len(top)), horizontal=True, key=top5_key,
                           format_func=lambda j: f"{top[j][1]} ({top[j][2]:.2f})", on_change=_clear_search)
     names = get_class_names(MODEL_KEY)
     searched = st.selectbox("... or search any class", names, index=None, key="search",
-                            placeholder="type a class name") if names else None
-    target = int(searched.split(":", 1)[0]) if searched else top[top_choice][0]
+                            placeholder="type a class name", on_change=_clear_top5) if names else None
+    target = int(searched.split(":", 1)[0]) if searched else top[0 if top_choice is None else top_choice][0]
     label_of = (lambda i: bundle.labels[i]) if bundle.labels is not None else (lambda i: f"class {i}")  # noqa: E731
     st.caption(f"Explaining class **{target}: {label_of(target)}**")
 

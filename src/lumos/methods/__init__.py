@@ -2,17 +2,18 @@
 
 from lumos.methods.activation_cams import CAM, EigenCAM
 from lumos.methods.base import REGISTRY, LayerMethod
+from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
 from lumos.methods.pixel import (
     DeconvNet,
-    GradientXInput,
     Gradients,
+    GradientXInput,
     GuidedBackprop,
     GuidedGradCAM,
     PixelMethod,
 )
-from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.scorecam import ScoreCAM
+from lumos.methods.smoothgrad import SmoothGrad
 
 __all__ = [
     "DeconvNet",
@@ -31,5 +32,6 @@ __all__ = [
     "LayerCAM",
     "LayerMethod",
     "ScoreCAM",
+    "SmoothGrad",
     "XGradCAM",
 ]

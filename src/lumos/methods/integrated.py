@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -71,18 +72,18 @@ def allocate(jumps: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def adaptive_points(bounds: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image Gauss-Legendre points and weights (steps, n) for segments ``bounds`` (S+1,) and ``counts``."""
+    """Gauss-Legendre points and weights (steps, n): per image ``bounds`` (n, S+1), ``counts`` (n, S)."""
     cols_a, cols_w = [], []
-    for row in counts.tolist():
+    for edges, row in zip(bounds.tolist(), counts.tolist(), strict=True):
         a, w = [], []
         for k, c in enumerate(row):
-            lo, hi = float(bounds[k]), float(bounds[k + 1])
+            lo, hi = edges[k], edges[k + 1]
             nodes, weights = np.polynomial.legendre.leggauss(c)
             a += (lo + (hi - lo) * 0.5 * (1 + nodes)).tolist()
             w += ((hi - lo) * 0.5 * weights).tolist()
         cols_a.append(a)
         cols_w.append(w)
-    return torch.tensor(cols_a).T, torch.tensor(cols_w).T
+    return torch.tensor(cols_a, dtype=torch.float64).T, torch.tensor(cols_w, dtype=torch.float64).T
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -111,12 +112,13 @@ class IntegratedGradients(PixelMethod):
             expected gradients; repeated ``"uniform"`` entries draw different noise).
         steps: number of path points per baseline (default 64).
         method: quadrature: ``adaptive`` (default), ``gausslegendre``, ``left``, ``right``, ``middle``,
-            ``trapezoid`` (Captum's ``riemann_*`` names are accepted). ``adaptive`` first evaluates the score
-            (forward only) at ``segments + 1`` evenly spaced points, then spends the ``steps`` gradient
-            points on the segments in proportion to how much the score changes there (at least one
+            ``trapezoid`` (Captum's ``riemann_*`` names are accepted). ``adaptive`` first locates, with
+            forward passes only, ``segments`` stretches of the path (see ``segments``), then spends the
+            ``steps`` gradient points on the segments in proportion to how much the score changes there (at least one
             each), Gauss-Legendre within each segment -- per image. Scores of real networks often rise
             steeply over a short stretch of the path, where uniform rules waste their points.
-        segments: number of segments of the ``adaptive`` rule (default 16).
+        segments: number of segments of the ``adaptive`` rule (default 32; ``segments + 1`` forward-only
+            evaluations per image and baseline, found by bisecting where the score changes most).
         batch_size: images per forward/backward (path points x images); bounds memory.
         preprocess: an object with ``mean``/``std`` (e.g. the ``Preprocess`` from ``lumos.load_model``);
             gives the black image and the valid range for ``uniform``.
@@ -144,7 +146,7 @@ class IntegratedGradients(PixelMethod):
         black: float | Sequence[float] | torch.Tensor | None = None,
         blur_sigma: float = 10.0,
         seed: int = 0,
-        segments: int = 16,
+        segments: int = 32,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, layer, **kwargs)
@@ -240,14 +242,51 @@ class IntegratedGradients(PixelMethod):
 
     def _path_scores(self, bs: torch.Tensor, diff: torch.Tensor, alphas: torch.Tensor, target: TargetSpec,
                      classes: torch.Tensor | None, per_chunk: int) -> torch.Tensor:
-        """Forward-only scores (P, n, K) at path points ``alphas`` (P,)."""
+        """Scores and their slopes d score / d alpha, (P, n, K, 2), at path points ``alphas`` (P, n).
+
+        Forward-mode AD along the path direction: no backward pass, no graph kept.
+        """
         n = bs.shape[0]
         out = []
-        with torch.no_grad():
-            for a in alphas.to(bs.dtype).split(per_chunk):
-                path = (bs[None] + a.view(-1, 1, 1, 1, 1) * diff[None]).flatten(0, 1)
-                out.append(self._scores(select_output(self.model(path), self.output), target, classes, n))
+        with torch.no_grad(), fwAD.dual_level():
+            for a in alphas.to(bs.device, bs.dtype).split(per_chunk):
+                path = (bs[None] + a[..., None, None, None] * diff[None]).flatten(0, 1)
+                tangent = diff[None].expand(a.shape[0], *diff.shape).flatten(0, 1)
+                res = self._scores(select_output(self.model(fwAD.make_dual(path, tangent)), self.output),
+                                   target, classes, n)
+                value, slope = fwAD.unpack_dual(res)
+                out.append(torch.stack([value, torch.zeros_like(value) if slope is None else slope], -1))
         return torch.cat(out)
+
+    def _segments(self, bs: torch.Tensor, diff: torch.Tensor, target: TargetSpec, classes: torch.Tensor | None,
+                  per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image segment bounds (n, S+1), scores and slopes there (n, S+1, K, 2), and segment weights (n, S).
+
+        Starts from ``segments // 4`` even segments, then repeatedly bisects the segments where the
+        trapezoid rule on the slopes disagrees most with the score's actual change, until there are
+        ``segments``. A segment's weight (its share of the gradient points) is that disagreement plus
+        the change of the score over it.
+        """
+        n = bs.shape[0]
+        first = max(1, self.segments // 4)
+        bounds = torch.linspace(0, 1, first + 1, dtype=torch.float64)[None].repeat(n, 1)
+        f = self._path_scores(bs, diff, bounds.T, target, classes, per_chunk).double().transpose(0, 1)
+
+        def errors() -> tuple[torch.Tensor, torch.Tensor]:
+            h = (bounds[:, 1:] - bounds[:, :-1])[..., None]
+            change = f[:, 1:, :, 0] - f[:, :-1, :, 0]
+            trap = h * (f[:, 1:, :, 1] + f[:, :-1, :, 1]) / 2
+            return (change - trap).abs().sum(2), change.abs().sum(2)
+
+        while bounds.shape[1] - 1 < self.segments:
+            r = min(first, self.segments - (bounds.shape[1] - 1))
+            idx = errors()[0].topk(r, dim=1).indices
+            mids = (bounds.gather(1, idx) + bounds.gather(1, idx + 1)) / 2  # (n, r)
+            fm = self._path_scores(bs, diff, mids.T, target, classes, per_chunk).double().transpose(0, 1)
+            bounds, order = torch.cat([bounds, mids], 1).sort(1)
+            f = torch.cat([f, fm], 1).gather(1, order[:, :, None, None].expand(-1, -1, *f.shape[2:]))
+        err, change = errors()
+        return bounds, f, err + change
 
     def attribute(self, x: torch.Tensor, target: TargetSpec) -> tuple[torch.Tensor, Targets, dict[str, Any]]:
         with torch.no_grad():
@@ -271,11 +310,9 @@ class IntegratedGradients(PixelMethod):
                 n = xs.shape[0]
                 diff = xs - bs
                 if adaptive:
-                    bounds = torch.linspace(0, 1, self.segments + 1, dtype=torch.float64)
-                    f = self._path_scores(bs, diff, bounds, target, cs, per_chunk)  # (S+1, n, K)
-                    base_scores[s:s + n] += f[0]
-                    jumps = (f[1:] - f[:-1]).abs().sum(2).T.double()  # (n, S)
-                    a_all, w_all = adaptive_points(bounds, allocate(jumps, self.steps))
+                    bounds, f, weight = self._segments(bs, diff, target, cs, per_chunk)
+                    base_scores[s:s + n] += f[:, 0, :, 0].to(x.dtype)
+                    a_all, w_all = adaptive_points(bounds, allocate(weight, self.steps))
                 else:
                     with torch.no_grad():
                         base_scores[s:s + n] += self._scores(

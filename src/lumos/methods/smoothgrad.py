@@ -1,0 +1,151 @@
+"""SmoothGrad (Smilkov et al. 2017) as a wrapper around any registered method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lumos.capture import model_guard
+from lumos.errors import LumosError
+from lumos.explanation import Explanation, finish_maps
+from lumos.layers import LayerSpec
+from lumos.methods.base import _flat, check_input, register
+from lumos.methods.pixel import PixelMethod
+from lumos.targets import TargetSpec, resolve_targets, select_output
+
+VARIANTS = ("plain", "squared", "variance")
+
+
+@register
+class SmoothGrad(PixelMethod):
+    """SmoothGrad (Smilkov et al. 2017): the average of a method over noisy copies of the input.
+
+    Args:
+        base: the wrapped method's name (default ``"gradients"``; any method, e.g. ``"guided_backprop"``,
+            ``"integrated_gradients"`` or a CAM).
+        n_samples: number of noisy copies (default 25).
+        noise: standard deviation of the Gaussian noise as a fraction of each image's range
+            ``max(x) - min(x)`` (the paper's convention; default 0.15).
+        variant: ``"plain"`` (mean), ``"squared"`` (mean of squares, SmoothGrad-Squared) or
+            ``"variance"`` (VarGrad).
+        batch_size: images per call of the wrapped method (noisy copies x images); bounds memory.
+        seed: seed of the noise (reproducible calls).
+        **base_kwargs: passed to the wrapped method's constructor (e.g. ``steps=`` for IG).
+
+    Targets are resolved once on the clean images; every noisy copy explains the same class. Noise 0
+    gives exactly the wrapped method. ``raw`` is the smoothed attribution (the wrapped method's raw form).
+    """
+
+    name = "smoothgrad"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayerSpec = "auto",
+        *,
+        base: str = "gradients",
+        n_samples: int = 25,
+        noise: float = 0.15,
+        variant: str = "plain",
+        batch_size: int = 32,
+        seed: int = 0,
+        output: Any = None,
+        labels: Any = None,
+        eval_mode: bool = True,
+        reduce: Any = "absmax",
+        normalize: Any = "percentile",
+        clip: float = 99.5,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(model, layer, output=output, labels=labels, eval_mode=eval_mode, reduce=reduce,
+                         normalize=normalize, clip=clip)
+        from lumos.api import method_class  # lazy: lumos.api imports the methods package
+
+        cls = method_class(base)
+        if cls is SmoothGrad:
+            raise LumosError("smoothgrad cannot wrap itself; choose another base method.")
+        if variant not in VARIANTS:
+            raise LumosError(f"variant={variant!r} is not known; use one of {', '.join(VARIANTS)}.")
+        if int(n_samples) < 1 or int(batch_size) < 1:
+            raise LumosError("n_samples and batch_size must be positive integers.")
+        if not float(noise) >= 0:
+            raise LumosError(f"noise={noise!r} must be a non-negative fraction of the input range.")
+        self.base = cls(model, layer, output=output, labels=labels, eval_mode=eval_mode, **base_kwargs)
+        self.n_samples = int(n_samples)
+        self.noise = float(noise)
+        self.variant = variant
+        self.batch_size = int(batch_size)
+        self.seed = seed
+
+    def params(self) -> dict[str, Any]:
+        return {**super().params(), "base": self.base.name, "n_samples": self.n_samples, "noise": self.noise,
+                "variant": self.variant, "batch_size": self.batch_size, "seed": self.seed,
+                "base_params": self.base.params()}
+
+    def __call__(self, x: torch.Tensor, target: TargetSpec = None) -> Explanation:
+        x = check_input(x)
+        with model_guard(self.model, self.eval_mode), torch.no_grad():
+            targets = resolve_targets(target, select_output(self.model(x), self.output), self.labels)
+        b, k = targets.scores.shape
+        sigma = self.noise * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))
+        per_call = 1 if targets.classes is None else max(1, self.batch_size // b)
+        ranks: list[Any] = []
+        for j in range(k):
+            spec = target if targets.classes is None else targets.classes[:, j]
+            ranks.append(self._smooth(x, sigma, spec, per_call))
+        layer = None
+        if isinstance(self.base, PixelMethod):
+            raw = torch.stack(ranks, 1).flatten(0, 1)
+            maps = self.finish(raw)
+        else:
+            parts = [r if isinstance(r, tuple) else (r,) for r in ranks]
+            raws = [torch.stack([p[i] for p in parts], 1).flatten(0, 1) for i in range(len(parts[0]))]
+            raw = raws[0] if len(raws) == 1 else tuple(raws)
+            maps = finish_maps(raws, tuple(x.shape[-2:]), self.base.relu, self.base.normalize, self.base.upsample)
+            layer = self._base_layer
+        return Explanation(
+            maps=maps, raw=raw, targets=_flat(targets.classes), scores=_flat(targets.scores),
+            probs=_flat(targets.probs), layer=layer, method=self.name, params=self.params(),
+            image_index=torch.arange(b, device=x.device).repeat_interleave(k),
+            layer_auto=layer is not None and self.layer == "auto",
+        )
+
+    def _smooth(self, x: torch.Tensor, sigma: torch.Tensor, spec: Any, per_call: int) -> Any:
+        """Welford mean (and variance) of the base method's raw output over the noisy copies."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        b = x.shape[0]
+        count = 0
+        mean: list[torch.Tensor] | None = None
+        m2: list[torch.Tensor] | None = None
+        done = 0
+        while done < self.n_samples:
+            m = min(per_call, self.n_samples - done)
+            eps = torch.randn((m, *x.shape), generator=gen, dtype=x.dtype).to(x.device)
+            noisy = (x[None] + sigma.view(1, b, 1, 1, 1) * eps).flatten(0, 1)
+            t = spec if not isinstance(spec, torch.Tensor) else spec.repeat(m)
+            ex = self.base(noisy, t)
+            self._base_layer = ex.layer
+            outs = ex.raw if isinstance(ex.raw, tuple) else (ex.raw,)
+            for i in range(m):
+                sample = [o[i * b:(i + 1) * b].double() for o in outs]
+                if self.variant == "squared":
+                    sample = [s * s for s in sample]
+                count += 1
+                if mean is None:
+                    mean = [s.clone() for s in sample]
+                    m2 = [torch.zeros_like(s) for s in sample]
+                    continue
+                for idx, s in enumerate(sample):
+                    d = s - mean[idx]
+                    mean[idx] += d / count
+                    m2[idx] += d * (s - mean[idx])  # type: ignore[index]
+            done += m
+        result = mean if self.variant != "variance" else [v / count for v in m2]  # type: ignore[union-attr]
+        dtype = outs[0].dtype
+        result = [r.to(dtype) for r in result]  # type: ignore[union-attr]
+        return result[0] if len(result) == 1 else tuple(result)
+
+
+__all__ = ["SmoothGrad"]

@@ -62,7 +62,7 @@ def with_caption(image: Image.Image, caption: str) -> Image.Image:
     """The image with ``caption`` written in a white strip below it."""
     font = _font()
     draw = ImageDraw.Draw(image)
-    lines = caption.split("\n")
+    lines = [w for part in caption.split("\n") for w in _wrap(draw, part, font, image.width - 4)]
     line_h = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
     out = Image.new("RGB", (image.width, image.height + line_h * len(lines) + 2), "white")
     out.paste(image.convert("RGB"), (0, 0))
@@ -70,6 +70,17 @@ def with_caption(image: Image.Image, caption: str) -> Image.Image:
     for k, line in enumerate(lines):
         d.text((2, image.height + 1 + k * line_h), line, fill="black", font=font)
     return out
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to ``width`` pixels (a word longer than a line stays whole)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
 
 
 def hstack(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:

@@ -299,7 +299,15 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return tuple(kinds)
 
 
-from lumos.cli_app import register as _register_app; _register_app(app)  # noqa: E402, E702, I001
+def _register_subcommands() -> None:
+    from lumos.cli_app import register as register_app
+    from lumos.cli_evaluate import register as register_evaluate
+
+    register_evaluate(app)
+    register_app(app)
+
+
+_register_subcommands()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -234,9 +234,10 @@ def list_methods() -> None:
     """List the explanation methods."""
     from lumos.api import method_class, methods
 
+    width = max(map(len, methods()))
     for name in methods():
         doc = (method_class(name).__doc__ or "").strip().splitlines()[0]
-        out_console.print(f"{name:<12} {doc}", highlight=False)
+        out_console.print(f"{name:<{width}}  {doc}", highlight=False)
 
 
 @app.command()

@@ -21,7 +21,7 @@ def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Pa
 
     cmd = [sys.executable, "-m", "streamlit", "run", str(SCRIPT), "--server.port", str(port),
            "--server.address", "localhost", "--server.headless", "false" if browser else "true",
-           "--browser.gatherUsageStats", "false", "--", "--model", model]
+           "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--model", model]
     for flag, value in (("--weights", weights), ("--size", size), ("--mean", mean), ("--std", std),
                         ("--labels", labels)):
         if value is not None:

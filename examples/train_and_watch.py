@@ -88,7 +88,7 @@ def main() -> None:
     cells = [[dict((s, im) for s, im, _ in memory.images[t])[step] for t in tags] for step in steps]
     titles = [f"{'init' if s == 0 else f'epoch {s}'}\npointing {hits[s]:.0%}" for s in steps]
     out = Path(args.out)
-    gallery(None, cells, row_titles=titles, out=out, cell_size=2.2, dpi=100)
+    gallery(None, cells, row_titles=titles, out=out, cell_size=2.0, dpi=80)
     print(f"Wrote {out}")
     print(f"Open TensorBoard with:  tensorboard --logdir {args.logdir}   (then the Images tab)")
 

@@ -117,10 +117,11 @@ def plot_curves(report: EvaluationReport, path: str | Path) -> Path:
 
     path = Path(path)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    colours = plt.get_cmap("tab20" if len(report.curves) > 10 else "tab10")
     for ax, kind in zip(axes, ("deletion", "insertion"), strict=True):
-        for method, c in report.curves.items():
+        for j, (method, c) in enumerate(report.curves.items()):
             auc = report.rows[method].get(f"{kind}_auc", float("nan"))
-            style = {"color": "0.5", "linestyle": "--"} if method == "random" else {}
+            style = {"color": "0.5", "linestyle": "--"} if method == "random" else {"color": colours(j)}
             ax.plot(c["fractions"], c[kind], label=f"{method} ({auc:.3f})", **style)
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)")
         ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from lumos.render import gallery
@@ -89,6 +90,7 @@ def main() -> None:
     titles = [f"{'init' if s == 0 else f'epoch {s}'}\npointing {hits[s]:.0%}" for s in steps]
     out = Path(args.out)
     gallery(None, cells, row_titles=titles, out=out, cell_size=2.0, dpi=80)
+    Image.open(out).convert("RGB").quantize(256).save(out, optimize=True)  # a palette keeps the file small
     print(f"Wrote {out}")
     print(f"Open TensorBoard with:  tensorboard --logdir {args.logdir}   (then the Images tab)")
 

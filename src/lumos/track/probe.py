@@ -170,15 +170,19 @@ def keras_auto_layer(model: Any) -> str:
 def channel_tiles(acts: torch.Tensor, channels: torch.Tensor, cell: int = 48, cols: int | None = None,
                   colormap: str = "viridis") -> Image.Image:
     """Grid of chosen channels of a (C, h, w) activation, each min/max scaled; numpy + PIL (fast)."""
-    from lumos.render import colorize
+    from lumos.render import get_colormap
 
     chosen = [int(c) for c in channels]
     cols = cols or max(1, int(np.ceil(np.sqrt(len(chosen)))))
     rows = int(np.ceil(len(chosen) / cols))
     gap = 2
+    a = acts.detach().float().cpu()[chosen].flatten(1)
+    lo, hi = a.min(1, keepdim=True).values, a.max(1, keepdim=True).values
+    unit = torch.where(hi > lo, (a - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(a))
+    lut = get_colormap(colormap)(np.linspace(0, 1, 256), bytes=True)[:, :3]
+    rgb = lut[(unit * 255).round().long().numpy()].reshape(len(chosen), *acts.shape[1:], 3)
     out = Image.new("RGB", (cols * (cell + gap) - gap, rows * (cell + gap) - gap), "white")
-    a = acts.detach().float().cpu().numpy()
-    for k, c in enumerate(chosen):
-        tile = Image.fromarray(colorize(a[c], colormap)).resize((cell, cell), Image.Resampling.NEAREST)
+    for k in range(len(chosen)):
+        tile = Image.fromarray(np.ascontiguousarray(rgb[k])).resize((cell, cell), Image.Resampling.NEAREST)
         out.paste(tile, ((k % cols) * (cell + gap), (k // cols) * (cell + gap)))
     return out

@@ -273,7 +273,7 @@ class Setting:
 KNOWN_SETTINGS: dict[str, dict[str, Setting]] = {
     "scorecam": {"max_channels": Setting("max_channels", "Score-CAM channels", "int", 32, 4, 256, 4)},
     "integrated_gradients": {
-        "steps": Setting("steps", "IG steps", "int", 32, 4, 256, 4),
+        "steps": Setting("steps", "IG steps", "int", 16, 4, 256, 4),
         "baseline": Setting("baseline", "IG baseline", "choice", "zero", options=("zero", "black", "blur", "uniform")),
     },
     "smoothgrad": {

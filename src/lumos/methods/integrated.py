@@ -161,9 +161,7 @@ class IntegratedGradients(PixelMethod):
         self.black = black
         self.blur_sigma = float(blur_sigma)
         self.seed = seed
-        self.segments = int(segments)
-        if self.method.strip().lower() == "adaptive" and not 1 <= self.segments <= self.steps:
-            raise LumosError(f"segments={segments!r} must be between 1 and steps={steps}.")
+        self.segments = max(1, min(int(segments), self.steps))  # at least one gradient point per segment
 
     def params(self) -> dict[str, Any]:
         specs = self.baseline if isinstance(self.baseline, list | tuple) else [self.baseline]

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient, Saliency
 from captum.attr import IntegratedGradients as CaptumIG
-from nets import copy_weights, images
 from torch import nn
 
 import lumos
 from lumos.methods.integrated import allocate, quadrature
+from nets import copy_weights, images
 
 TOL = 1e-4
 

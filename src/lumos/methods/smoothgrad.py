@@ -124,7 +124,9 @@ class SmoothGrad(PixelMethod):
         done = 0
         while done < self.n_samples:
             m = min(per_call, self.n_samples - done)
-            eps = torch.randn((m, *x.shape), generator=gen, dtype=x.dtype).to(x.device)
+            # One noise pattern per copy, shared by the images (scaled by each one's range): an image's map
+            # does not depend on the batch it came in.
+            eps = torch.randn((m, 1, *x.shape[1:]), generator=gen, dtype=x.dtype).to(x.device)
             noisy = (x[None] + sigma.view(1, b, 1, 1, 1) * eps).flatten(0, 1)
             t = spec if not isinstance(spec, torch.Tensor) else spec.repeat(m)
             ex = self.base(noisy, t)

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0 -e '.[dev]'
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,7 +24,7 @@ app: $(STAMP)
 	$(VENV)/bin/lumos app $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_cams.py
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,15 +135,18 @@ def explain_images(
     batch_size: int = 8,
     top_k: int = 3,
     on_image: Callable[[str, Prediction | None, str | None], None] | None = None,
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> RunReport:
     """Explain images in batches with each method; write overlays (and .npy maps) to ``out``.
 
     ``items`` yields (name, image) or (name, loader); a loader that raises ``LumosError`` becomes a
     failure of that image only. ``on_image(name, prediction, error)`` is called once per image.
+    ``method_kwargs`` maps a method name to extra constructor arguments (e.g. IG steps).
     """
     classes = [method_class(m) for m in methods]  # unknown names fail before any work
     report = RunReport()
-    cams = [cls(model, layer, labels=labels) for cls in classes]
+    extra = method_kwargs or {}
+    cams = [cls(model, layer, labels=labels, **extra.get(cls.name, {})) for cls in classes]
     batch: list[tuple[str, Image.Image]] = []
 
     def flush() -> None:

@@ -7,6 +7,7 @@ imported only when its sink is created; a missing one is a one-line ``LumosError
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import os
 from pathlib import Path
@@ -72,7 +73,18 @@ class TensorBoardSink(Sink):
         return str(self.writer.log_dir)
 
     def log_image(self, tag: str, image: Image.Image, step: int, caption: str = "") -> None:
-        self.writer.add_image(tag, np.asarray(image.convert("RGB")), global_step=step, dataformats="HWC")
+        image = image.convert("RGB")
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        if file_writer is None:  # some other writer with the SummaryWriter API
+            self.writer.add_image(tag, np.asarray(image), global_step=step, dataformats="HWC")
+        else:  # encode once, fast (add_image re-encodes at the default, slow PNG level)
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            buf = io.BytesIO()
+            image.save(buf, format="PNG", compress_level=1)
+            img = Summary.Image(height=image.height, width=image.width, colorspace=3,
+                                encoded_image_string=buf.getvalue())
+            file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=img)]), step)
         if self.captions and caption:
             self.writer.add_text(f"{tag}/caption", caption, global_step=step)
 

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from lumos.api import method_class
+from lumos.capture import model_guard
 from lumos.errors import LumosError
 from lumos.explanation import Explanation
 from lumos.render import gallery, grayscale_map_image, overlay
@@ -94,14 +95,9 @@ def _safe(text: str) -> str:
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[str] | None, k: int = 3) -> list[Prediction]:
-    """Top-k classes per image from one no-grad forward (model mode untouched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        model.train(was_training)
+    """Top-k classes per image from one no-grad forward in eval mode (the model is left as found)."""
+    with model_guard(model), torch.no_grad():
+        logits = model(x)
     probs = torch.softmax(logits.float(), 1)
     top = probs.topk(min(k, probs.shape[1]), dim=1)
     name = (lambda i: labels[i]) if labels is not None else (lambda i: f"class {i}")  # noqa: E731

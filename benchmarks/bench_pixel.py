@@ -8,24 +8,15 @@ Run: ``python benchmarks/bench_pixel.py [--rounds 3]`` (check ``uptime`` first: 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
+from timing import median_time
 
 import lumos
 from lumos.io import sample_images
-
-
-def clock(fn, rounds: int) -> float:
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -62,8 +53,8 @@ def main() -> None:
     print(f"{'method':48s} {'seconds':>8s} {'x forward(8)':>12s}")
     ratios = {}
     for name, fn in cases.items():
-        ref = clock(forward, args.rounds)
-        t = clock(fn, args.rounds)
+        ref = median_time(forward, args.rounds)
+        t = median_time(fn, args.rounds)
         ratios[name] = t / ref
         print(f"{name:48s} {t:8.3f} {t / ref:12.2f}", flush=True)
     base = ratios["gradients (lumos)"]

@@ -11,25 +11,14 @@ encoding and event-file writing).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
+from timing import median_time
 from torch import nn
 
 from lumos.synthetic import TinyCNN, make_dataset
 from lumos.track import ExplanationLogger, MemorySink, TensorBoardSink
-
-
-def median_time(fn, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,14 +43,14 @@ def main() -> None:
         loss.backward()
         opt.step()
 
-    step = median_time(train_step, args.rounds)
+    step = median_time(train_step, args.rounds, warmup=True)
     kwargs = dict(methods=["gradcam", "features"], layer="features.block4", feature_layer="features.block1",
                   class_names=data.class_names)
     mem = ExplanationLogger(probe, labels, sinks=[MemorySink()], **kwargs)
-    t_mem = median_time(lambda: mem.log(model, 0), args.rounds)
+    t_mem = median_time(lambda: mem.log(model, 0), args.rounds, warmup=True)
     with tempfile.TemporaryDirectory() as tmp:
         tb = ExplanationLogger(probe, labels, sinks=[TensorBoardSink(tmp)], **kwargs)
-        t_tb = median_time(lambda: tb.log(model, 0), args.rounds)
+        t_tb = median_time(lambda: tb.log(model, 0), args.rounds, warmup=True)
         tb.close()
     print(f"TinyCNN, {args.size}x{args.size} px, batch {args.batch_size}, {args.threads} thread(s), "
           f"median of {args.rounds} rounds")

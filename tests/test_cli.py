@@ -24,13 +24,7 @@ W, H = 64, 48
 ESC = "\x1b"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two OpenMP threads on a busy 2-core machine are ~20x slower than one; restore afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rgb(seed: int = 0, size: tuple[int, int] = (W, H)) -> Image.Image:

@@ -12,13 +12,7 @@ from lumos.evaluate import CascadingRandomisation, RandomLogit
 from lumos.evaluate.benchmark import synthetic_benchmark
 from lumos.synthetic import load_tinycnn, make_dataset
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_gradcam_ranks_well_above_random_on_the_synthetic_benchmark():

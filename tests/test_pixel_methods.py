@@ -14,7 +14,7 @@ from torch import nn
 
 import lumos
 from lumos.methods.integrated import allocate, quadrature
-from nets import copy_weights, images
+from nets import ReusedReLUNet, copy_weights, images
 
 TOL = 1e-4
 
@@ -51,24 +51,6 @@ class FunctionalVGG(VGGNet):
         return c[3](F.relu(c[1](c[0](x)), inplace=True))
 
 
-class ResNetShared(nn.Module):
-    """ResNet-style: one in-place ReLU module used three times, a residual sum."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
-        self.conv3 = nn.Conv2d(8, 16, 3, padding=1, stride=2)
-        self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.conv1(x))
-        x = self.relu(self.conv2(x) + x)
-        x = self.relu(self.conv3(x))
-        return self.fc(x.mean((2, 3)))
-
-
 class ReLU6AsReLU(nn.ReLU):
     """ReLU6 computed by a module Captum treats as a ReLU (it hooks ``nn.ReLU`` instances only)."""
 
@@ -94,7 +76,7 @@ def effnet_twin(effnet):
 
 def small_nets():
     torch.manual_seed(0)
-    return {"vgg_inplace": VGGNet(True).eval(), "resnet_shared": ResNetShared().eval()}
+    return {"vgg_inplace": VGGNet(True).eval(), "resnet_shared": ReusedReLUNet().eval()}
 
 
 CAPTUM = {

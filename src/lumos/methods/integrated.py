@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -19,6 +18,7 @@ from lumos.methods.pixel import PixelMethod
 from lumos.targets import Targets, TargetSpec, resolve_targets, select_output
 
 BaselineSpec = str | float | torch.Tensor
+GRADIENT_STORE = 512 * 2**20  # bytes of path-point gradients the adaptive rule keeps per image group
 BASELINES = ("zero", "black", "blur", "uniform")
 _QUADRATURE = {
     "left": "left", "riemann_left": "left",
@@ -42,7 +42,7 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
             f"method={method!r} is not known; use adaptive, gausslegendre, left, right, middle or trapezoid."
         )
     if key == "adaptive":
-        key = "gausslegendre"
+        key = "trapezoid"
     n = int(steps)
     if n < 1 or (key == "trapezoid" and n < 2):
         raise LumosError(f"steps={steps!r} is too small for the {key} rule.")
@@ -57,33 +57,30 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
     return torch.linspace(start, stop, n).tolist(), [1.0 / n] * n
 
 
-def allocate(jumps: torch.Tensor, steps: int) -> torch.Tensor:
-    """Points per segment (n, S): one each, the rest proportional to |F increment| (largest remainder)."""
-    n, segs = jumps.shape
-    extra = steps - segs
-    share = jumps.abs() / jumps.abs().sum(1, keepdim=True).clamp_min(1e-12) * extra
-    share = torch.where(jumps.abs().sum(1, keepdim=True) > 0, share, torch.full_like(share, extra / segs))
-    counts = share.floor().long()
-    rest = extra - counts.sum(1)
-    order = (share - counts).argsort(1, descending=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(segs).expand(n, segs).contiguous())
-    return counts + 1 + (ranks < rest[:, None]).long()
+def trapezoid_weights(alphas: torch.Tensor) -> torch.Tensor:
+    """Composite trapezoid weights for unsorted nodes ``alphas`` (n, P) that include 0 and 1 (same layout)."""
+    order = alphas.argsort(1)
+    a = alphas.gather(1, order)
+    h = a[:, 1:] - a[:, :-1]
+    w = torch.zeros_like(a)
+    w[:, 1:] += h / 2
+    w[:, :-1] += h / 2
+    return torch.zeros_like(w).scatter_(1, order, w)
 
 
-def adaptive_points(bounds: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gauss-Legendre points and weights (steps, n): per image ``bounds`` (n, S+1), ``counts`` (n, S)."""
-    cols_a, cols_w = [], []
-    for edges, row in zip(bounds.tolist(), counts.tolist(), strict=True):
-        a, w = [], []
-        for k, c in enumerate(row):
-            lo, hi = edges[k], edges[k + 1]
-            nodes, weights = np.polynomial.legendre.leggauss(c)
-            a += (lo + (hi - lo) * 0.5 * (1 + nodes)).tolist()
-            w += ((hi - lo) * 0.5 * weights).tolist()
-        cols_a.append(a)
-        cols_w.append(w)
-    return torch.tensor(cols_a, dtype=torch.float64).T, torch.tensor(cols_w, dtype=torch.float64).T
+def refine(alphas: torch.Tensor, f: torch.Tensor, s: torch.Tensor, r: int) -> torch.Tensor:
+    """Midpoints (r, n) of the ``r`` segments per image where the trapezoid rule on the slopes ``s`` misses the
+    score's actual change most (``alphas`` (n, P) unsorted, ``f``/``s`` (n, P, K)), relative to each target's
+    variation along the path."""
+    order = alphas.argsort(1)
+    a = alphas.gather(1, order)
+    idx = order[..., None].expand_as(f)
+    fs, ss = f.gather(1, idx), s.gather(1, idx)
+    change = fs[:, 1:] - fs[:, :-1]
+    err = ((a[:, 1:] - a[:, :-1])[..., None] * (ss[:, 1:] + ss[:, :-1]) / 2 - change).abs()
+    scale = change.abs().sum(1, keepdim=True).clamp_min(1e-12)
+    worst = (err / scale).sum(2).topk(r, dim=1).indices
+    return ((a.gather(1, worst) + a.gather(1, worst + 1)) / 2).T
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -112,13 +109,15 @@ class IntegratedGradients(PixelMethod):
             expected gradients; repeated ``"uniform"`` entries draw different noise).
         steps: number of path points per baseline (default 64).
         method: quadrature: ``adaptive`` (default), ``gausslegendre``, ``left``, ``right``, ``middle``,
-            ``trapezoid`` (Captum's ``riemann_*`` names are accepted). ``adaptive`` first locates, with
-            forward passes only, ``segments`` stretches of the path (see ``segments``), then spends the
-            ``steps`` gradient points on the segments in proportion to how much the score changes there (at least one
-            each), Gauss-Legendre within each segment -- per image. Scores of real networks often rise
-            steeply over a short stretch of the path, where uniform rules waste their points.
-        segments: number of segments of the ``adaptive`` rule (default 32; ``segments + 1`` forward-only
-            evaluations per image and baseline, found by bisecting where the score changes most).
+            ``trapezoid`` (Captum's ``riemann_*`` names are accepted). ``adaptive`` is a composite trapezoid
+            rule whose nodes are placed per image: it starts from ``steps // 8 + 1`` even nodes and keeps
+            bisecting the segments where the trapezoid rule on the slopes misses the score's actual change
+            (known exactly from the forward passes) most. Scores of real networks often change steeply and
+            unevenly over a short stretch of the path, where uniform rules waste their points.
+        tolerance: the ``adaptive`` rule goes on past ``steps`` until the completeness error of every map is
+            within this fraction of ``|F(x) - F(baseline)|`` (default 0.01; ``None`` or 0: exactly ``steps``).
+        max_steps: most points per image and baseline for ``tolerance`` (default ``4 * steps``); when it is
+            reached the error is whatever remains (see ``params["delta"]``).
         batch_size: images per forward/backward (path points x images); bounds memory.
         preprocess: an object with ``mean``/``std`` (e.g. the ``Preprocess`` from ``lumos.load_model``);
             gives the black image and the valid range for ``uniform``.
@@ -128,7 +127,8 @@ class IntegratedGradients(PixelMethod):
 
     ``Explanation.params["delta"]`` holds the completeness error per map,
     ``sum(attr) - (F(x) - F(baseline))`` (mean of F over the baselines), and ``params["gap"]`` the
-    ``F(x) - F(baseline)`` it should equal.
+    ``F(x) - F(baseline)`` it should equal, ``params["points"]`` the gradient points spent per map (all
+    baselines together).
     """
 
     name = "integrated_gradients"
@@ -141,12 +141,13 @@ class IntegratedGradients(PixelMethod):
         baseline: BaselineSpec | Sequence[BaselineSpec] = "zero",
         steps: int = 64,
         method: str = "adaptive",
-        batch_size: int = 32,
+        batch_size: int = 16,
         preprocess: Any = None,
         black: float | Sequence[float] | torch.Tensor | None = None,
         blur_sigma: float = 10.0,
         seed: int = 0,
-        segments: int = 32,
+        tolerance: float | None = 0.01,
+        max_steps: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, layer, **kwargs)
@@ -161,14 +162,23 @@ class IntegratedGradients(PixelMethod):
         self.black = black
         self.blur_sigma = float(blur_sigma)
         self.seed = seed
-        self.segments = max(1, min(int(segments), self.steps))  # at least one gradient point per segment
+        self.tolerance = float(tolerance) if tolerance else 0.0
+        if self.tolerance < 0:
+            raise LumosError(f"tolerance must be a non-negative fraction, got {tolerance!r}.")
+        self.max_steps = self.steps if not self.tolerance else int(max_steps or 4 * self.steps)
+        if self.max_steps < self.steps:
+            raise LumosError(f"max_steps={max_steps!r} is smaller than steps={steps!r}.")
 
     def params(self) -> dict[str, Any]:
         specs = self.baseline if isinstance(self.baseline, list | tuple) else [self.baseline]
         names = [s if isinstance(s, str | int | float) else "tensor" for s in specs]
         return {**super().params(), "baseline": names if len(names) > 1 else names[0], "steps": self.steps,
                 "method": self.method, "batch_size": self.batch_size,
-                **({"segments": self.segments} if self.method.strip().lower() == "adaptive" else {})}
+                **({"tolerance": self.tolerance, "max_steps": self.max_steps} if self._adaptive_rule else {})}
+
+    @property
+    def _adaptive_rule(self) -> bool:
+        return self.method.strip().lower() == "adaptive"
 
     # -- baselines -------------------------------------------------------------------------------------
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -238,53 +248,97 @@ class IntegratedGradients(PixelMethod):
         fn: Callable[[torch.Tensor], torch.Tensor] = target  # type: ignore[assignment]
         return torch.stack([fn(out[i * n:(i + 1) * n]) for i in range(m)])[..., None]
 
-    def _path_scores(self, bs: torch.Tensor, diff: torch.Tensor, alphas: torch.Tensor, target: TargetSpec,
-                     classes: torch.Tensor | None, per_chunk: int) -> torch.Tensor:
-        """Scores and their slopes d score / d alpha, (P, n, K, 2), at path points ``alphas`` (P, n).
+    def _gradients(self, bs: torch.Tensor, diff: torch.Tensor, alphas: torch.Tensor, w: torch.Tensor | None,
+                   target: TargetSpec, classes: torch.Tensor | None, per_chunk: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Input gradients of the scores at path points ``alphas`` (P, n), in chunks of ``per_chunk`` rows.
 
-        Forward-mode AD along the path direction: no backward pass, no graph kept.
+        With weights ``w`` (P, n) returns their weighted sum (n, K, C, H, W); without, every point's
+        gradient (P, n, K, C, H, W). Also the scores (P, n, K) and slopes d score / d alpha (P, n, K) there.
         """
         n = bs.shape[0]
-        out = []
-        with torch.no_grad(), fwAD.dual_level():
-            for a in alphas.to(bs.device, bs.dtype).split(per_chunk):
-                path = (bs[None] + a[..., None, None, None] * diff[None]).flatten(0, 1)
-                tangent = diff[None].expand(a.shape[0], *diff.shape).flatten(0, 1)
-                res = self._scores(select_output(self.model(fwAD.make_dual(path, tangent)), self.output),
-                                   target, classes, n)
-                value, slope = fwAD.unpack_dual(res)
-                out.append(torch.stack([value, torch.zeros_like(value) if slope is None else slope], -1))
-        return torch.cat(out)
+        alphas = alphas.to(bs.device, bs.dtype)
+        grads, scores_out, slopes = [], [], []
+        for c in range(0, alphas.shape[0], per_chunk):
+            a = alphas[c:c + per_chunk]
+            path = (bs[None] + a[..., None, None, None] * diff[None]).flatten(0, 1).requires_grad_(True)
+            scores = self._scores(select_output(self.model(path), self.output), target, classes, n)
+            per_target = []
+            for j in range(scores.shape[2]):
+                grad = None
+                if scores.requires_grad:
+                    (grad,) = torch.autograd.grad(scores[..., j].sum(), path, retain_graph=j < scores.shape[2] - 1,
+                                                  allow_unused=True)
+                per_target.append(torch.zeros_like(path) if grad is None else grad)
+            g = torch.stack(per_target, 1).view(a.shape[0], n, -1, *bs.shape[1:])  # (m, n, K, C, H, W)
+            slopes.append((g * diff[None, :, None]).sum((3, 4, 5)))
+            scores_out.append(scores.detach())
+            if w is None:
+                grads.append(g)
+            else:
+                wc = w[c:c + per_chunk].to(bs.device, bs.dtype)
+                grads.append((g * wc[..., None, None, None, None]).sum(0, keepdim=True))
+        grad = torch.cat(grads)
+        return (grad if w is None else grad.sum(0)), torch.cat(scores_out), torch.cat(slopes)
 
-    def _segments(self, bs: torch.Tensor, diff: torch.Tensor, target: TargetSpec, classes: torch.Tensor | None,
-                  per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image segment bounds (n, S+1), scores and slopes there (n, S+1, K, 2), and segment weights (n, S).
+    def _converged(self, alphas: torch.Tensor, f: torch.Tensor, s: torch.Tensor) -> bool:
+        """Whether one image's nodes (P,), scores and slopes (P, K) are enough: ``steps`` spent and the
+        completeness error within ``tolerance`` (or ``max_steps`` reached)."""
+        p = alphas.shape[0]
+        if p < self.steps:
+            return False
+        if not self.tolerance or p >= self.max_steps:
+            return True
+        order = alphas.argsort()
+        a, fs, ss = alphas[order], f[order], s[order]
+        trap = ((a[1:] - a[:-1])[:, None] * (ss[1:] + ss[:-1]) / 2).sum(0)
+        gap = fs[-1] - fs[0]
+        return bool(((trap - gap).abs() <= self.tolerance * gap.abs()).all())
 
-        Starts from ``segments // 4`` even segments, then repeatedly bisects the segments where the
-        trapezoid rule on the slopes disagrees most with the score's actual change, until there are
-        ``segments``. A segment's weight (its share of the gradient points) is that disagreement plus
-        the change of the score over it.
+    def _adaptive(self, bs: torch.Tensor, diff: torch.Tensor, target: TargetSpec, classes: torch.Tensor | None,
+                  per_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adaptive trapezoid rule: integral of the gradient (n, K, C, H, W), baseline scores (n, K), points (n,).
+
+        Starts from ``steps // 8 + 1`` even nodes (0 and 1 included); every round adds, per image, the
+        midpoints of the ``steps // 16`` segments where the trapezoid rule on the slopes misses the score's
+        change (known exactly from the forward passes) most, until ``steps`` points are spent and the
+        completeness error is within ``tolerance`` (at most ``max_steps`` points).
         """
         n = bs.shape[0]
-        first = max(1, self.segments // 4)
-        bounds = torch.linspace(0, 1, first + 1, dtype=torch.float64)[None].repeat(n, 1)
-        f = self._path_scores(bs, diff, bounds.T, target, classes, per_chunk).double().transpose(0, 1)
-
-        def errors() -> tuple[torch.Tensor, torch.Tensor]:
-            h = (bounds[:, 1:] - bounds[:, :-1])[..., None]
-            change = f[:, 1:, :, 0] - f[:, :-1, :, 0]
-            trap = h * (f[:, 1:, :, 1] + f[:, :-1, :, 1]) / 2
-            return (change - trap).abs().sum(2), change.abs().sum(2)
-
-        while bounds.shape[1] - 1 < self.segments:
-            r = min(first, self.segments - (bounds.shape[1] - 1))
-            idx = errors()[0].topk(r, dim=1).indices
-            mids = (bounds.gather(1, idx) + bounds.gather(1, idx + 1)) / 2  # (n, r)
-            fm = self._path_scores(bs, diff, mids.T, target, classes, per_chunk).double().transpose(0, 1)
-            bounds, order = torch.cat([bounds, mids], 1).sort(1)
-            f = torch.cat([f, fm], 1).gather(1, order[:, :, None, None].expand(-1, -1, *f.shape[2:]))
-        err, change = errors()
-        return bounds, f, err + change
+        first = max(2, min(self.steps, self.steps // 8 + 1))
+        a0 = torch.linspace(0, 1, first, dtype=torch.float64)[None].repeat(n, 1)
+        g, f0, s0 = self._gradients(bs, diff, a0.T, None, target, classes, per_chunk)
+        alphas, f, s = list(a0), list(f0.double().transpose(0, 1)), list(s0.double().transpose(0, 1))
+        rounds = [(list(range(n)), g)]  # (images, their gradients (m, n_images, K, C, H, W))
+        per_round = max(1, self.steps // 16)
+        while True:
+            act = [i for i in range(n) if not self._converged(alphas[i], f[i], s[i])]
+            if not act:
+                break
+            if classes is None:  # a callable target sees the whole group
+                act = list(range(n))
+            p = alphas[act[0]].shape[0]
+            r = min(per_round, (self.steps if p < self.steps else self.max_steps) - p, p - 1)
+            mids = refine(torch.stack([alphas[i] for i in act]), torch.stack([f[i] for i in act]),
+                          torch.stack([s[i] for i in act]), r)
+            g, fm, sm = self._gradients(bs[act], diff[act], mids, None, target,
+                                        None if classes is None else classes[act], per_chunk)
+            rounds.append((act, g))
+            for c, i in enumerate(act):
+                alphas[i] = torch.cat([alphas[i], mids[:, c]])
+                f[i] = torch.cat([f[i], fm[:, c].double()])
+                s[i] = torch.cat([s[i], sm[:, c].double()])
+        weights = [trapezoid_weights(a[None])[0].to(bs.dtype) for a in alphas]
+        total = torch.zeros((n, *rounds[0][1].shape[2:]), dtype=bs.dtype, device=bs.device)
+        used = [0] * n
+        for act, g in rounds:
+            m = g.shape[0]
+            for c, i in enumerate(act):
+                w = weights[i][used[i]:used[i] + m].to(bs.device)
+                total[i] += (g[:, c] * w.view(-1, 1, 1, 1, 1)).sum(0)
+                used[i] += m
+        points = torch.tensor([a.shape[0] for a in alphas])
+        return total, torch.stack([fi[0] for fi in f]).to(bs.dtype), points
 
     def attribute(self, x: torch.Tensor, target: TargetSpec) -> tuple[torch.Tensor, Targets, dict[str, Any]]:
         with torch.no_grad():
@@ -292,13 +346,18 @@ class IntegratedGradients(PixelMethod):
             targets = resolve_targets(target, out, self.labels)
         classes = targets.classes
         b, k = targets.scores.shape
-        adaptive = self.method.strip().lower() == "adaptive"
+        adaptive = self._adaptive_rule
         if not adaptive:
             alphas, weights = (torch.tensor(v, dtype=torch.float64) for v in quadrature(self.method, self.steps))
-        # Image groups: class targets may split the batch; a callable sees whole batches only.
+        # Image groups: class targets may split the batch; a callable sees whole batches only. The adaptive
+        # rule keeps every point's gradient until its weight is known: groups bounded by GRADIENT_STORE bytes.
         g = b if classes is None else min(b, self.batch_size)
+        if adaptive and classes is not None:
+            per_image = self.max_steps * k * x[0].numel() * x.element_size()
+            g = max(1, min(g, GRADIENT_STORE // per_image))
         per_chunk = max(1, self.batch_size // g)
         base_list = self.baselines(x)
+        points = torch.zeros(b, dtype=torch.long)
         attr = torch.zeros((b, k, *x.shape[1:]), dtype=x.dtype, device=x.device)
         base_scores = torch.zeros((b, k), dtype=x.dtype, device=x.device)
         for bl in base_list:
@@ -308,30 +367,19 @@ class IntegratedGradients(PixelMethod):
                 n = xs.shape[0]
                 diff = xs - bs
                 if adaptive:
-                    bounds, f, weight = self._segments(bs, diff, target, cs, per_chunk)
-                    base_scores[s:s + n] += f[:, 0, :, 0].to(x.dtype)
-                    a_all, w_all = adaptive_points(bounds, allocate(weight, self.steps))
+                    total, base, used = self._adaptive(bs, diff, target, cs, per_chunk)
+                    points[s:s + n] += used
                 else:
-                    with torch.no_grad():
-                        base_scores[s:s + n] += self._scores(
-                            select_output(self.model(bs), self.output), target, cs, n)[0]
                     a_all, w_all = alphas[:, None].expand(-1, n), weights[:, None].expand(-1, n)
-                a_all, w_all = a_all.to(x.device, x.dtype), w_all.to(x.device, x.dtype)
-                total = torch.zeros((n, k, *x.shape[1:]), dtype=x.dtype, device=x.device)
-                for c in range(0, a_all.shape[0], per_chunk):
-                    a, w = a_all[c:c + per_chunk], w_all[c:c + per_chunk]
-                    path = (bs[None] + a[..., None, None, None] * diff[None]).flatten(0, 1).requires_grad_(True)
-                    scores = self._scores(select_output(self.model(path), self.output), target, cs, n)
-                    for j in range(k):
-                        weighted = (scores[..., j] * w).sum()
-                        if not weighted.requires_grad:
-                            continue
-                        (grad,) = torch.autograd.grad(weighted, path, retain_graph=j < k - 1, allow_unused=True)
-                        if grad is not None:
-                            total[:, j] += grad.view(-1, n, *x.shape[1:]).sum(0)
+                    points[s:s + n] += len(alphas)
+                    total = self._gradients(bs, diff, a_all, w_all, target, cs, per_chunk)[0]
+                    with torch.no_grad():
+                        base = self._scores(select_output(self.model(bs), self.output), target, cs, n)[0]
+                base_scores[s:s + n] += base
                 attr[s:s + n] += diff[:, None] * total
         nb = len(base_list)
         attr = (attr / nb).flatten(0, 1)
         gap = targets.scores.detach() - base_scores / nb
         delta = attr.sum((1, 2, 3)) - gap.reshape(-1)
-        return attr, targets, {"delta": delta.detach(), "gap": gap.reshape(-1).detach()}
+        return attr, targets, {"delta": delta.detach(), "gap": gap.reshape(-1).detach(),
+                               "points": points.repeat_interleave(k)}

@@ -7,32 +7,13 @@ table reports the median of the per-round ratios. Run: ``.venv/bin/python benchm
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import ratio
 
 import lumos
 from lumos.io import sample_images
 from lumos.zoo import load_model
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def ratio(plain, method, rounds: int) -> tuple[float, float]:
-    """Median over rounds of method time / plain time (each measured right after the other)."""
-    method()  # warm-up
-    ratios, times = [], []
-    for _ in range(rounds):
-        base = timed(plain)
-        t = timed(method)
-        ratios.append(t / base)
-        times.append(t)
-    return statistics.median(ratios), statistics.median(times)
 
 
 def corr(a: torch.Tensor, b: torch.Tensor) -> float:

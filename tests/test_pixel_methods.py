@@ -297,3 +297,13 @@ def test_errors():
         lumos.SmoothGrad(model, variant="cubic")
     with pytest.raises(lumos.LumosError, match="one layer"):
         lumos.explain(model, images(1), method="guided_gradcam", layer=["features.0", "features.5"])
+
+
+def test_percentile_clip_equals_torch_quantile():
+    from lumos.methods.pixel import upper_quantile
+
+    torch.manual_seed(0)
+    for n in (1, 2, 7, 1000):
+        values = torch.rand(3, n)
+        for q in (0.0, 0.3, 0.995, 1.0):
+            assert torch.allclose(upper_quantile(values, q), torch.quantile(values, q, dim=1, keepdim=True))

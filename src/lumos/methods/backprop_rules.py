@@ -68,11 +68,16 @@ class _ClampRule(torch.autograd.Function):
             return grad.clamp_min(0), None, None, None, None
         (out,) = ctx.saved_tensors
         lo, hi = ctx.bounds
-        mask = out > lo
+        # One fused kernel for the mask (lo < y < hi); on y = clamp(x) it equals the mask on x.
         if hi != math.inf:
-            mask &= out < hi
-        g = grad.clamp_min(0) if rule == "guided" else grad
-        return g * mask.to(g.dtype), None, None, None, None
+            g = torch.ops.aten.hardtanh_backward(grad, out, lo, hi)
+        elif lo != -math.inf:
+            g = torch.ops.aten.threshold_backward(grad, out, lo)
+        else:
+            g = grad.clone()
+        if rule == "guided":
+            g.clamp_min_(0)  # in place on the fresh tensor: no second allocation
+        return g, None, None, None, None
 
 
 def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:

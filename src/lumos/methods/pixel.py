@@ -7,6 +7,7 @@ Every method returns an :class:`~lumos.explanation.Explanation` whose ``raw`` is
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -40,6 +41,17 @@ def reduce_channels(raw: torch.Tensor, mode: Reduce) -> torch.Tensor:
     raise LumosError(f"reduce={mode!r} is not known; use one of {', '.join(REDUCTIONS)}.")
 
 
+def upper_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q, dim=1, keepdim=True)`` (linear interpolation) from a top-k, not a full sort."""
+    n = values.shape[1]
+    pos = q * (n - 1)
+    below = math.floor(pos)
+    k = n - below  # the value at ascending index `below` is the k-th largest
+    top = values.topk(k, dim=1).values
+    low, high = top[:, k - 1:k], top[:, max(k - 2, 0):max(k - 2, 0) + 1]
+    return low + (high - low) * (pos - below)
+
+
 def normalize_pixel_maps(maps: torch.Tensor, mode: PixelNormalize, clip: float = 99.5) -> torch.Tensor:
     """Normalise (N, H, W) maps per map.
 
@@ -57,7 +69,7 @@ def normalize_pixel_maps(maps: torch.Tensor, mode: PixelNormalize, clip: float =
         raise LumosError(f"clip={clip!r} must be a percentile in (0, 100].")
     flat = maps.flatten(1)
     mag = flat.abs()
-    scale = torch.quantile(mag, float(clip) / 100.0, dim=1, keepdim=True)
+    scale = upper_quantile(mag, float(clip) / 100.0)
     top = mag.amax(1, keepdim=True)
     scale = torch.where(scale > 0, scale, top)  # a sparse map whose percentile is 0: use its max
     out = torch.where(scale > 0, flat / scale.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
@@ -164,7 +176,7 @@ class PixelMethod(LayerMethod):
         targets = resolve_targets(target, out, self.labels)
         k = targets.scores.shape[1]
         grads = [_grad(targets.scores[:, j].sum(), xg, retain=j < k - 1) for j in range(k)]
-        return torch.stack(grads, 1).flatten(0, 1), targets
+        return (grads[0] if k == 1 else torch.stack(grads, 1).flatten(0, 1)), targets
 
 
 def _grad(score: torch.Tensor, x: torch.Tensor, retain: bool) -> torch.Tensor:

@@ -40,7 +40,7 @@ def main() -> None:
         xg = x8.clone().requires_grad_(True)
         torch.autograd.grad(model(xg).max(1).values.sum(), xg)
 
-    batch = 16
+    batch = 8
     cases = {
         "plain input gradient (torch)": plain_grad,
         "gradients (lumos)": lambda: lumos.explain(model, x8, method="gradients"),

@@ -141,7 +141,7 @@ class IntegratedGradients(PixelMethod):
         baseline: BaselineSpec | Sequence[BaselineSpec] = "zero",
         steps: int = 64,
         method: str = "adaptive",
-        batch_size: int = 16,
+        batch_size: int = 8,
         preprocess: Any = None,
         black: float | Sequence[float] | torch.Tensor | None = None,
         blur_sigma: float = 10.0,

@@ -29,8 +29,6 @@ out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam,guided_gradcam,integrated_gradients"
-# The demo favours speed over the last digit for IG: 32 Gauss-Legendre points instead of the adaptive default.
-DEMO_KWARGS = {"integrated_gradients": {"method": "gausslegendre", "steps": 32}}
 
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")
@@ -196,7 +194,7 @@ def demo(
 
     report = explain_images(
         bundle.model, bundle.preprocess, list(sample_images().items()), methods, labels=bundle.labels, out=out,
-        on_image=on_image, method_kwargs=DEMO_KWARGS,
+        on_image=on_image,
     )
     path = write_gallery(report, out / "gallery.png", methods)
     out_console.print(f"Wrote {len(report.written)} overlays and the gallery {path}", highlight=False)

@@ -178,7 +178,7 @@ def test_parse_args_settings_and_command():
     assert [s.param for s in logic.method_settings("scorecam")] == ["max_channels"]
     assert logic.method_settings("gradcam") == []
     if "integrated_gradients" in lumos.methods():
-        assert {s.param for s in logic.method_settings("integrated_gradients")} == {"steps", "baseline"}
+        assert {s.param for s in logic.method_settings("integrated_gradients")} == {"steps", "tolerance", "baseline"}
     assert logic.available_methods()[0] == "gradcam"
     from lumos.cli_app import app_command
 

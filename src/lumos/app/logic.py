@@ -274,6 +274,8 @@ KNOWN_SETTINGS: dict[str, dict[str, Setting]] = {
     "scorecam": {"max_channels": Setting("max_channels", "Score-CAM channels", "int", 32, 4, 256, 4)},
     "integrated_gradients": {
         "steps": Setting("steps", "IG steps", "int", 16, 4, 256, 4),
+        "tolerance": Setting("tolerance", "IG completeness tolerance (0: exactly the steps)", "float", 0.01, 0.0,
+                             0.1, 0.005),
         "baseline": Setting("baseline", "IG baseline", "choice", "zero", options=("zero", "black", "blur", "uniform")),
     },
     "smoothgrad": {

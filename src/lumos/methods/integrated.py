@@ -41,11 +41,11 @@ def quadrature(method: str, steps: int) -> tuple[list[float], list[float]]:
         raise LumosError(
             f"method={method!r} is not known; use adaptive, gausslegendre, left, right, middle or trapezoid."
         )
-    if key == "adaptive":
-        key = "trapezoid"
     n = int(steps)
-    if n < 1 or (key == "trapezoid" and n < 2):
-        raise LumosError(f"steps={steps!r} is too small for the {key} rule.")
+    if n < 1 or (key in ("trapezoid", "adaptive") and n < 2):
+        raise LumosError(f"steps={steps!r} is too small for the {key} rule (it needs both ends of the path).")
+    if key == "adaptive":
+        key = "trapezoid"  # its starting nodes
     if key == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n)
         return (0.5 * (1 + nodes)).tolist(), (0.5 * weights).tolist()

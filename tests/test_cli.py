@@ -390,3 +390,38 @@ def test_installed_script_end_to_end(tmp_path, one_image):
     assert proc.stdout.splitlines()[0].startswith(f"{one_image}: ")
     assert proc.stdout.splitlines()[-1].startswith("Explained 1 image(s) with 1 method(s): 1 file(s)")
     assert (tmp_path / "o" / "one_gradcam.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------- method settings
+
+
+def test_set_passes_settings_to_the_methods_that_take_them(capsys, tmp_path, one_image):
+    from lumos.runner import _at_image_size
+
+    code, _, _ = _run(capsys, "explain", one_image, "--method", "integrated_gradients,gradcam", "--save", "npy",
+                      "--set", "steps=4", "--set", "integrated_gradients.tolerance=0", "--set", "baseline=black",
+                      "--set", "relu=false", "--out", tmp_path)
+    assert code == 0
+    model, preprocess, labels = lumos.load_model("efficientnet_lite0")
+    with Image.open(one_image) as im:
+        image = im.convert("RGB")
+    x = preprocess([image])
+    ig = lumos.IntegratedGradients(model, steps=4, tolerance=0, baseline="black", preprocess=preprocess)(x)
+    np.testing.assert_allclose(np.load(tmp_path / "one_integrated_gradients.npy"), _at_image_size(ig.maps, image),
+                               atol=1e-5)
+    cam = lumos.GradCAM(model, relu=False)(x)
+    np.testing.assert_allclose(np.load(tmp_path / "one_gradcam.npy"), _at_image_size(cam.maps, image), atol=1e-5)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("stpes=4", "--set stpes: no setting of that name for integrated_gradients. Did you mean: steps?"),
+    ("steps=abc", "integrated_gradients does not accept the settings steps='abc'"),
+    ("gradcam.relu=0", "gradcam is not among the methods (integrated_gradients)"),
+    ("steps", "--set expects KEY=VALUE or METHOD.KEY=VALUE, got 'steps'"),
+])
+def test_bad_settings_are_one_line_errors(capsys, tmp_path, one_image, setting, message):
+    code, _, err = _run(capsys, "explain", one_image, "--method", "integrated_gradients", "--set", setting,
+                        "--out", tmp_path / "o")
+    assert code == 2
+    assert len(_error_lines(err)) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()  # refused before any work

@@ -121,6 +121,9 @@ def explain(
     alpha: Annotated[float, typer.Option(help="Overlay opacity in [0, 1].")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 8,
     gallery: Annotated[bool, typer.Option(help="Also write gallery.png (rows = images).")] = False,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (e.g. steps=128, "
+        "integrated_gradients.baseline=black,blur).")] = None,
     weights: WeightsOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
@@ -130,13 +133,19 @@ def explain(
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.api import method_class
     from lumos.io import find_images, load_image
-    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, parse_target, write_gallery
+    from lumos.method_settings import accepted, parse_settings
+    from lumos.runner import SAVE_FORMATS, build_method, explain_images, parse_list, parse_target, write_gallery
 
     methods = [method_class(m).name for m in parse_list(method, what="method")]
+    method_kwargs = parse_settings(settings or [], methods)
     formats = parse_list(save, SAVE_FORMATS, what="save format")
     if not 0 <= alpha <= 1:
         raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
     bundle = _load(model, weights, size, mean, std, labels)
+    for name, kwargs in method_kwargs.items():
+        if "preprocess" in accepted(name, kwargs.get("base")) and "preprocess" not in kwargs:
+            kwargs["preprocess"] = bundle.preprocess  # e.g. IG's black baseline is the black image after it
+        build_method(method_class(name), bundle.model, layer, bundle.labels, kwargs)  # bad values fail here
     spec = parse_target(target)
     _check_choices(bundle, spec, layer)
     files, problems = find_images(images)
@@ -154,7 +163,7 @@ def explain(
         report = explain_images(
             bundle.model, bundle.preprocess, [(str(f), _loader(load_image, f)) for f in files], methods,
             labels=bundle.labels, target=spec, layer=layer, out=out, save=formats,
-            colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image,
+            colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image, method_kwargs=method_kwargs,
         )
     if gallery and report.results:
         report.written.append(write_gallery(report, out / "gallery.png", methods))

@@ -142,7 +142,7 @@ def explain_images(
     classes = [method_class(m) for m in methods]  # unknown names fail before any work
     report = RunReport()
     extra = method_kwargs or {}
-    cams = [cls(model, layer, labels=labels, **extra.get(cls.name, {})) for cls in classes]
+    cams = [build_method(cls, model, layer, labels, extra.get(cls.name, {})) for cls in classes]
     batch: list[tuple[str, Image.Image]] = []
 
     def flush() -> None:
@@ -164,6 +164,18 @@ def explain_images(
             flush()
     flush()
     return report
+
+
+def build_method(cls: type, model: torch.nn.Module, layer: str, labels: Sequence[str] | None,
+           settings: Mapping[str, Any]) -> Any:
+    """A method object; a setting of the wrong type becomes a one-line error naming the method."""
+    try:
+        return cls(model, layer, labels=labels, **settings)
+    except (TypeError, ValueError) as err:
+        if not settings:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in settings.items() if isinstance(v, str | int | float | list | None))
+        raise LumosError(f"{cls.name} does not accept the settings {given}: {err}") from None
 
 
 def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:

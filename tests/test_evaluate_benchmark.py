@@ -83,6 +83,28 @@ def test_evaluate_images_with_the_zoo_model(main, tmp_path, capsys):
     assert (out / "curves.png").exists()
 
 
+def test_evaluate_passes_method_settings(main, tmp_path, capsys):
+    import lumos
+    from lumos.evaluate.benchmark import evaluate_methods
+
+    img = tmp_path / "a.png"
+    g = torch.Generator().manual_seed(0)
+    Image.fromarray((torch.rand(40, 50, 3, generator=g) * 255).byte().numpy()).save(img)
+    aucs = []
+    for settings in (["steps=2", "tolerance=0", "baseline=black"], ["steps=2", "tolerance=0"]):
+        out = tmp_path / str(len(aucs))
+        args = ["evaluate", str(img), "--methods", "integrated_gradients", "--steps", "4", "--out", str(out)]
+        assert main(args + [a for s in settings for a in ("--set", s)]) == 0
+        metrics = json.loads((out / "evaluation.json").read_text())["metrics"]
+        aucs.append(metrics["integrated_gradients"]["deletion_auc"])
+    model, preprocess, _ = lumos.load_model("efficientnet_lite0")
+    x = preprocess([Image.open(img).convert("RGB")])
+    ref = evaluate_methods(model, x, ["integrated_gradients"], steps=4, random_baseline=False, method_kwargs={
+        "integrated_gradients": {"steps": 2, "tolerance": 0, "baseline": "black", "preprocess": preprocess}})
+    assert aucs[0] == pytest.approx(ref.rows["integrated_gradients"]["deletion_auc"], abs=1e-6)
+    assert aucs[0] != aucs[1]  # the black baseline was used
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -91,6 +113,9 @@ def test_evaluate_images_with_the_zoo_model(main, tmp_path, capsys):
         (["evaluate", "--benchmark", "synthetic", "--methods", "gradcamm"], "Unknown method"),
         (["evaluate", "/no/such/file.png"], "no such file"),
         (["evaluate", "--benchmark", "synthetic", "--steps", "0"], "positive"),
+        (["evaluate", "--benchmark", "synthetic", "--methods", "gradcam", "--set", "stpes=3"], "no setting"),
+        (["evaluate", "--benchmark", "synthetic", "--methods", "scorecam", "--set", "max_channels=many"],
+         "scorecam does not accept the settings max_channels='many'"),
     ],
 )
 def test_evaluate_bad_input_is_one_line(main, capsys, args, message):

@@ -38,6 +38,8 @@ def evaluate(
     size: Annotated[int | None, typer.Option(help="Input size for a user model (square).")] = None,
     mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")] = None,
     std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")] = None,
+    settings: Annotated[list[str] | None, typer.Option(
+        "--set", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (as for `lumos explain`).")] = None,
 ) -> None:
     """Which explanation can be trusted? Deletion/insertion, average drop, pointing game, sanity checks."""
     from lumos.api import method_class
@@ -45,11 +47,13 @@ def evaluate(
     from lumos.cli import _load, _make_dir, err_console, out_console
     from lumos.evaluate.benchmark import evaluate_methods, synthetic_benchmark
     from lumos.evaluate.report import format_table, plot_curves, plot_sanity, write_csv, write_json
-    from lumos.runner import parse_list
+    from lumos.method_settings import accepted, parse_settings
+    from lumos.runner import build_method, parse_list
 
     names = all_methods() if methods.strip().lower() == "all" else [
         method_class(m).name for m in parse_list(methods, what="method")
     ]
+    method_kwargs = parse_settings(settings or [], names)
     if steps is not None and steps < 1 or batch_size < 1 or n < 1:
         raise LumosError("--steps, --batch-size and --n must be positive integers.")
     if tolerance is not None and tolerance < 0:
@@ -60,10 +64,15 @@ def evaluate(
             raise LumosError(f"Unknown benchmark '{benchmark}'; use: {', '.join(BENCHMARKS)}.")
         if images:
             raise LumosError("Give either image files or --benchmark, not both.")
+        from lumos.synthetic import load_tinycnn
+
+        tiny = load_tinycnn()
+        for name, kwargs in method_kwargs.items():  # bad values fail before any work
+            build_method(method_class(name), tiny, "auto", None, kwargs)
         _make_dir(out)
         report = synthetic_benchmark(
             names, n=n, steps=steps or 64, batch_size=batch_size,
-            tolerance=2.0 if tolerance is None else tolerance, sanity=sanity,
+            tolerance=2.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
         )
         if sanity:
             from lumos.synthetic import make_dataset
@@ -75,6 +84,10 @@ def evaluate(
         from lumos.io import find_images, load_image
 
         bundle = _load(model, weights, size, mean, std, None)
+        for name, kwargs in method_kwargs.items():
+            if "preprocess" in accepted(name, kwargs.get("base")) and "preprocess" not in kwargs:
+                kwargs["preprocess"] = bundle.preprocess
+            build_method(method_class(name), bundle.model, "auto", None, kwargs)  # bad values fail here
         if layer != "auto":
             from lumos.layers import resolve_layers
 
@@ -86,7 +99,7 @@ def evaluate(
         _make_dir(out)
         report = evaluate_methods(
             bundle.model, x, names, layer=layer, steps=steps or 100, batch_size=batch_size,
-            tolerance=15.0 if tolerance is None else tolerance, sanity=sanity,
+            tolerance=15.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
         )
         report.meta.update({"model": model, "images": [str(f) for f in files]})
         picture = bundle.preprocess.denormalize(x[:1])[0].permute(1, 2, 0).numpy()

@@ -9,7 +9,7 @@ bundled TinyCNN, whose object masks are known.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,7 @@ def evaluate_methods(
     sanity_steps: int | None = 6,
     seed: int = 0,
     on_method: Callable[[str], None] | None = None,
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvaluationReport:
     """Evaluate each method on ``images`` (model input space) and return an :class:`EvaluationReport`.
 
@@ -119,6 +120,7 @@ def evaluate_methods(
     (with ``tolerance`` pixels), energy pointing game and relevance mass when ``masks`` (B, H, W) or boxes
     (B, 4) are given; with ``sanity`` the cascading randomisation on the first ``sanity_images`` images
     (maps recorded at ``sanity_steps`` points). A method that fails is reported in ``failures``.
+    ``method_kwargs`` maps a method name to extra constructor arguments (e.g. IG ``steps``).
     """
     model = check_model(model)
     x = check_images(images)
@@ -135,7 +137,8 @@ def evaluate_methods(
         if on_method is not None:
             on_method(name)
         try:
-            maps = method_maps(model, x, name, classes, layer=layer, seed=seed)
+            kwargs = dict((method_kwargs or {}).get(name, {}))
+            maps = method_maps(model, x, name, classes, layer=layer, seed=seed, **kwargs)
             per: dict[str, torch.Tensor] = {}
             if gt is not None:
                 per["pointing_game"] = PointingGame(tolerance=tolerance)(maps=maps, masks=gt)
@@ -149,7 +152,8 @@ def evaluate_methods(
             if sanity and name != RANDOM:
                 k = min(sanity_images, x.shape[0])
                 cascade = CascadingRandomisation(
-                    lambda mdl, xx, cc, _n=name: method_maps(mdl, xx, _n, cc, layer=layer), max_steps=sanity_steps
+                    lambda mdl, xx, cc, _n=name, _kw=kwargs: method_maps(mdl, xx, _n, cc, layer=layer, **_kw),
+                    max_steps=sanity_steps,
                 )(model, x[:k], targets=classes[:k])
                 report.sanity[name] = cascade
                 per_s = {"sanity_spearman": cascade.spearman[-1], "sanity_ssim": cascade.ssim[-1]}
@@ -184,6 +188,7 @@ def synthetic_benchmark(
     tolerance: float = 2.0,
     sanity: bool = False,
     on_method: Callable[[str], None] | None = None,
+    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EvaluationReport:
     """Every method (default: ``lumos.methods()``) plus ``random`` on ``n`` synthetic images (seed 123 is
     held out from training) with the bundled TinyCNN, explaining the true class at ``features.block4``.
@@ -199,7 +204,7 @@ def synthetic_benchmark(
     report = evaluate_methods(
         model, data.images, all_methods() if methods is None else methods, data.labels, data.masks,
         layer="features.block4", steps=steps, batch_size=batch_size, tolerance=tolerance, sanity=sanity,
-        sanity_images=4, sanity_steps=None, on_method=on_method,
+        sanity_images=4, sanity_steps=None, on_method=on_method, method_kwargs=method_kwargs,
     )
     report.meta.update({"benchmark": "synthetic", "n": n, "data_seed": seed, "model": "tinycnn"})
     return report

@@ -145,3 +145,14 @@ def test_frozen_model_under_no_grad():
         assert not torch.is_grad_enabled()
     assert ex.raw.abs().sum() > 0
     assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_torchscript_model_gets_the_plain_gradient_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in torch 2.13
+        scripted = torch.jit.script(model.eval())
+    x = images(2, size=8)
+    with pytest.warns(UserWarning, match="TorchScript"):
+        guided = lumos.explain(scripted, x, method="guided_backprop", target=1)
+    torch.testing.assert_close(guided.raw, lumos.explain(scripted, x, method="gradients", target=1).raw)

@@ -159,11 +159,11 @@ class PixelMethod(LayerMethod):
         """Warn (once per method object) when a modified backward rule found no ReLU-like call."""
         if state is not None and state.calls == 0 and not self._warned:
             self._warned = True
-            warnings.warn(
-                f"{self.name}: the model made no ReLU-like call (ReLU, ReLU6, Hardtanh, relu/relu6/hardtanh "
-                "functions), so the modified backward rule changes nothing and the result is the plain gradient.",
-                stacklevel=4,
-            )
+            why = ("the model is TorchScript, whose ReLU calls run inside the compiled graph where no rule can "
+                   "reach them" if isinstance(self.model, torch.jit.ScriptModule) else
+                   "the model made no ReLU-like call (ReLU, ReLU6, Hardtanh, relu/relu6/hardtanh functions)")
+            warnings.warn(f"{self.name}: {why}, so the modified backward rule changes nothing and the result is "
+                          "the plain gradient.", stacklevel=4)
 
     def input_gradients(
         self, x: torch.Tensor, target: TargetSpec, rule: Rule | None = None

@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from lumos.cli_options import LabelsOpt, MeanOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
 app = typer.Typer(
@@ -30,14 +31,6 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam,guided_gradcam,integrated_gradients"
 
-ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")
-]
-WeightsOpt = Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")]
-SizeOpt = Annotated[int | None, typer.Option(help="Input size for a user model (square).")]
-MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")]
-StdOpt = Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")]
-LabelsOpt = Annotated[Path | None, typer.Option(help="Text file with one class name per line.")]
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -121,9 +114,7 @@ def explain(
     alpha: Annotated[float, typer.Option(help="Overlay opacity in [0, 1].")] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 8,
     gallery: Annotated[bool, typer.Option(help="Also write gallery.png (rows = images).")] = False,
-    settings: Annotated[list[str] | None, typer.Option(
-        "--set", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (e.g. steps=128, "
-        "integrated_gradients.baseline=black,blur).")] = None,
+    settings: SettingsOpt = None,
     weights: WeightsOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from lumos.cli_options import LabelsOpt, MeanOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
 
@@ -38,11 +39,11 @@ def register(app: typer.Typer) -> None:
             "efficientnet_lite0"
         ),
         port: Annotated[int, typer.Option(help="Port on localhost.")] = 8501,
-        weights: Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")] = None,
-        size: Annotated[int | None, typer.Option(help="Input size for a user model (square).")] = None,
-        mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")] = None,
-        std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")] = None,
-        labels: Annotated[Path | None, typer.Option(help="Text file with one class name per line.")] = None,
+        weights: WeightsOpt = None,
+        size: SizeOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        labels: LabelsOpt = None,
         browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
     ) -> None:
         """Start the interactive saliency explorer (Streamlit) on http://localhost:PORT."""

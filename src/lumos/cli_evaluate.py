@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from lumos.cli_options import MeanOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
 BENCHMARKS = ("synthetic",)
@@ -20,9 +21,7 @@ DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
 
 def evaluate(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
-    model: Annotated[
-        str, typer.Option("--model", "-m", help="Zoo name, TorchScript file, or package.module:callable.")
-    ] = "efficientnet_lite0",
+    model: ModelOpt = "efficientnet_lite0",
     methods: Annotated[
         str, typer.Option(help="Comma-separated methods, or 'all' (see `lumos methods`).")
     ] = DEFAULT_METHODS,
@@ -34,12 +33,11 @@ def evaluate(
     layer: Annotated[str, typer.Option(help="auto or a layer name for CAM methods.")] = "auto",
     n: Annotated[int, typer.Option(help="Images in the synthetic benchmark.")] = 100,
     tolerance: Annotated[float | None, typer.Option(help="Pointing-game tolerance in pixels (synthetic: 2).")] = None,
-    weights: Annotated[Path | None, typer.Option(help="State-dict file for a module:callable model.")] = None,
-    size: Annotated[int | None, typer.Option(help="Input size for a user model (square).")] = None,
-    mean: Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")] = None,
-    std: Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")] = None,
-    settings: Annotated[list[str] | None, typer.Option(
-        "--set", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (as for `lumos explain`).")] = None,
+    weights: WeightsOpt = None,
+    size: SizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    settings: SettingsOpt = None,
 ) -> None:
     """Which explanation can be trusted? Deletion/insertion, average drop, pointing game, sanity checks."""
     from lumos.api import method_class

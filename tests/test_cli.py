@@ -353,6 +353,16 @@ def test_features_writes_a_grid(capsys, tmp_path, one_image):
     assert (tmp_path / "f" / "one_features__act1.png").is_file()
 
 
+def test_features_of_same_named_images_do_not_overwrite(capsys, tmp_path):
+    for folder, seed in (("a", 1), ("b", 2)):
+        (tmp_path / folder).mkdir()
+        _rgb(seed).save(tmp_path / folder / "x.png")
+    code, _, _ = _run(capsys, "features", tmp_path / "a", tmp_path / "b", "--n", "4", "--out", tmp_path / "f")
+    assert code == 0
+    written = sorted(p.name for p in (tmp_path / "f").iterdir())
+    assert written == ["x_2_features__act1.png", "x_features__act1.png"]
+
+
 # ------------------------------------------------------------------------------------- terminal, script
 
 

@@ -265,8 +265,10 @@ def features(
     from lumos.api import feature_maps
     from lumos.io import find_images, load_image
     from lumos.render import feature_grid
+    from lumos.runner import RunReport
 
     bundle = _load(model, weights, size, mean, std, None)
+    names = RunReport()  # unique output stems: a/x.png and b/x.png write x_... and x_2_...
     files, problems = find_images(images)
     failures = [f"{p}: {why}" for p, why in problems]
     if files:
@@ -277,7 +279,7 @@ def features(
         except LumosError as err:
             failures.append(str(err))
             continue
-        path = out / f"{f.stem}_features_{fm.layer.replace('.', '_')}.png"
+        path = out / f"{names.stem(str(f))}_features_{fm.layer.replace('.', '_')}.png"
         feature_grid(fm.activations[0], n=n, out=path)
         out_console.print(f"{f}: layer {fm.layer}, channels {fm.top_channels[0].tolist()} -> {path}", highlight=False)
     for reason in failures:

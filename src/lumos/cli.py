@@ -124,8 +124,8 @@ def explain(
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.api import method_class
     from lumos.io import find_images, load_image
-    from lumos.method_settings import accepted, parse_settings
-    from lumos.runner import SAVE_FORMATS, build_method, explain_images, parse_list, parse_target, write_gallery
+    from lumos.method_settings import check_settings, parse_settings
+    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, parse_target, write_gallery
 
     methods = [method_class(m).name for m in parse_list(method, what="method")]
     method_kwargs = parse_settings(settings or [], methods)
@@ -133,10 +133,7 @@ def explain(
     if not 0 <= alpha <= 1:
         raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
     bundle = _load(model, weights, size, mean, std, labels)
-    for name, kwargs in method_kwargs.items():
-        if "preprocess" in accepted(name, kwargs.get("base")) and "preprocess" not in kwargs:
-            kwargs["preprocess"] = bundle.preprocess  # e.g. IG's black baseline is the black image after it
-        build_method(method_class(name), bundle.model, layer, bundle.labels, kwargs)  # bad values fail here
+    check_settings(method_kwargs, bundle.model, layer, bundle.labels, bundle.preprocess)
     spec = parse_target(target)
     _check_choices(bundle, spec, layer)
     files, problems = find_images(images)

@@ -45,8 +45,8 @@ def evaluate(
     from lumos.cli import _load, _make_dir, err_console, out_console
     from lumos.evaluate.benchmark import evaluate_methods, synthetic_benchmark
     from lumos.evaluate.report import format_table, plot_curves, plot_sanity, write_csv, write_json
-    from lumos.method_settings import accepted, parse_settings
-    from lumos.runner import build_method, parse_list
+    from lumos.method_settings import check_settings, parse_settings
+    from lumos.runner import parse_list
 
     names = all_methods() if methods.strip().lower() == "all" else [
         method_class(m).name for m in parse_list(methods, what="method")
@@ -64,9 +64,7 @@ def evaluate(
             raise LumosError("Give either image files or --benchmark, not both.")
         from lumos.synthetic import load_tinycnn
 
-        tiny = load_tinycnn()
-        for name, kwargs in method_kwargs.items():  # bad values fail before any work
-            build_method(method_class(name), tiny, "auto", None, kwargs)
+        check_settings(method_kwargs, load_tinycnn())
         _make_dir(out)
         report = synthetic_benchmark(
             names, n=n, steps=steps or 64, batch_size=batch_size,
@@ -82,10 +80,7 @@ def evaluate(
         from lumos.io import find_images, load_image
 
         bundle = _load(model, weights, size, mean, std, None)
-        for name, kwargs in method_kwargs.items():
-            if "preprocess" in accepted(name, kwargs.get("base")) and "preprocess" not in kwargs:
-                kwargs["preprocess"] = bundle.preprocess
-            build_method(method_class(name), bundle.model, "auto", None, kwargs)  # bad values fail here
+        check_settings(method_kwargs, bundle.model, preprocess=bundle.preprocess)
         if layer != "auto":
             from lumos.layers import resolve_layers
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import torch
 
 from lumos.api import method_class
 from lumos.errors import LumosError, close_matches
@@ -74,3 +76,25 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
         for m in takers:
             out[m][key] = value
     return out
+
+
+def build_method(cls: type, model: torch.nn.Module, layer: str, labels: Sequence[str] | None,
+                 settings: Mapping[str, Any]) -> Any:
+    """A method object; a setting of the wrong type becomes a one-line error naming the method."""
+    try:
+        return cls(model, layer, labels=labels, **settings)
+    except (TypeError, ValueError) as err:
+        if not settings:
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in settings.items() if isinstance(v, str | int | float | list | None))
+        raise LumosError(f"{cls.name} does not accept the settings {given}: {err}") from None
+
+
+def check_settings(method_kwargs: dict[str, dict[str, Any]], model: torch.nn.Module, layer: str = "auto",
+                   labels: Sequence[str] | None = None, preprocess: Any = None) -> None:
+    """Build every method once with its settings so a bad value fails before any work. Methods that take
+    ``preprocess`` (e.g. IG's black baseline) get ``preprocess`` added to their settings unless given."""
+    for name, kwargs in method_kwargs.items():
+        if preprocess is not None and "preprocess" not in kwargs and "preprocess" in accepted(name, kwargs.get("base")):
+            kwargs["preprocess"] = preprocess
+        build_method(method_class(name), model, layer, labels, kwargs)

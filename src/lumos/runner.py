@@ -21,6 +21,7 @@ from lumos.api import method_class
 from lumos.capture import model_guard
 from lumos.errors import LumosError
 from lumos.explanation import Explanation
+from lumos.method_settings import build_method
 from lumos.render import gallery, grayscale_map_image, overlay
 from lumos.targets import TargetSpec
 
@@ -164,18 +165,6 @@ def explain_images(
             flush()
     flush()
     return report
-
-
-def build_method(cls: type, model: torch.nn.Module, layer: str, labels: Sequence[str] | None,
-           settings: Mapping[str, Any]) -> Any:
-    """A method object; a setting of the wrong type becomes a one-line error naming the method."""
-    try:
-        return cls(model, layer, labels=labels, **settings)
-    except (TypeError, ValueError) as err:
-        if not settings:
-            raise
-        given = ", ".join(f"{k}={v!r}" for k, v in settings.items() if isinstance(v, str | int | float | list | None))
-        raise LumosError(f"{cls.name} does not accept the settings {given}: {err}") from None
 
 
 def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lumos
-from lumos.methods.backprop_rules import backward_rules
+from lumos.rules import backward_rules
 from nets import GapNet, images
 from test_engine import assert_unchanged, state_snapshot
 

@@ -8,29 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from lumos.capture import Capture, model_guard
-from lumos.errors import LumosError, close_matches
+from lumos.capture import Capture
+from lumos.engine import check_input, guard
+from lumos.errors import LumosError, positive_int
 from lumos.explanation import Explanation
-from lumos.layers import LayerSpec, resolve_layers
-from lumos.methods import REGISTRY
-from lumos.methods.base import check_input
+from lumos.layers import LayerSpec, Layout, resolve_sites
+from lumos.methods import method_class, methods
 from lumos.targets import TargetSpec
 
-ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam": "gradcam", "score-cam": "scorecam"}
-
-
-def methods() -> list[str]:
-    """Names accepted by ``explain(method=...)``."""
-    return sorted(REGISTRY)
-
-
-def method_class(name: str) -> type:
-    """The method class registered under ``name`` (case-insensitive, a few aliases)."""
-    key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in REGISTRY:
-        raise LumosError(f"Unknown method '{name}'.{close_matches(name, REGISTRY)} Known: {', '.join(methods())}.")
-    return REGISTRY[key]
+__all__ = ["FeatureMaps", "explain", "feature_maps", "method_class", "methods"]
 
 
 def explain(
@@ -58,17 +44,20 @@ class FeatureMaps:
     layer: str
 
 
-def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n: int = 16) -> FeatureMaps:
+def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n: int = 16,
+                 layout: Layout | None = None) -> FeatureMaps:
     """Record a layer's feature maps for ``x`` and rank its channels by mean activation."""
+    n = positive_int("n", n)
     x = check_input(x)
-    with model_guard(model), torch.no_grad():
-        layers = resolve_layers(model, layer, x)
-        if len(layers) != 1:
+    with guard(model), torch.no_grad():
+        sites = resolve_sites(model, layer, x, layout)
+        if len(sites) != 1:
             raise LumosError("feature_maps shows one layer at a time.")
-        with Capture(layers, grad=False) as cap:
+        (site,) = sites
+        with Capture({site.name: site.module}, grad=False) as cap:
             model(x)
-    (name, acts), = cap.activations.items()
-    if acts.ndim != 4:
-        raise LumosError(f"Layer '{name}' outputs shape {tuple(acts.shape)}, not a B x C x H x W map.")
-    top = acts.mean((2, 3)).topk(min(n, acts.shape[1]), dim=1).indices
-    return FeatureMaps(acts, top, name)
+    if site.name not in cap.activations:
+        raise LumosError(f"Layer '{site.name}' did not run in the forward pass; choose another layer.")
+    acts = site.to_map(cap.activations[site.name])
+    top = acts.flatten(2).mean(2).topk(min(n, acts.shape[1]), dim=1).indices
+    return FeatureMaps(acts, top, site.name)

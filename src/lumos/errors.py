@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["LumosError", "ImageError", "ModelLoadError", "close_matches"]
+__all__ = ["LumosError", "ImageError", "ModelLoadError", "close_matches", "positive_int"]
 
 
 class LumosError(ValueError):
@@ -42,3 +42,11 @@ def close_matches(word: str, choices: Iterable[str], n: int = 3, cutoff: float =
     if not found:
         return ""
     return " Did you mean: " + ", ".join(originals[f] for f in found) + "?"
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as an int >= 1 (an integral float such as 8.0 is accepted); anything else is a one-line error."""
+    integral = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral or value < 1:  # type: ignore[operator]
+        raise LumosError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)

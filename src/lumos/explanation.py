@@ -1,7 +1,12 @@
-"""The result object, and the explicit post-processing that turns raw layer maps into ``maps``."""
+"""The result object, and the explicit post-processing that turns raw maps into ``maps``.
+
+Layer maps (CAMs) are ReLU'd, upsampled and min-max normalised; pixel attributions have their channels
+reduced and a percentile clip. Both live here, so every consumer finishes maps the same way.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -11,7 +16,11 @@ import torch.nn.functional as F
 from lumos.errors import LumosError
 
 Normalize = Literal["minmax"] | None
+Kind = Literal["layer", "pixel"]
+Reduce = Literal["absmax", "sum", "l2"]
+PixelNormalize = Literal["percentile", "minmax"] | None
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
+REDUCTIONS = ("absmax", "sum", "l2")
 
 
 @dataclass
@@ -19,10 +28,12 @@ class Explanation:
     """Maps for a batch, with everything needed to read, compare and reproduce them.
 
     ``maps`` is (N, H, W) float32 at input resolution on the input's device, N = images x maps per image
-    (image-major; ``image_index`` says which image each map belongs to). ``raw`` is (N, h, w) at layer
-    resolution before ReLU/normalisation (a tuple of such tensors, one per layer, when several layers
-    are fused). ``targets`` holds class indices (None for callable targets), ``scores`` the explained
-    output value, ``probs`` its softmax (or sigmoid) probability.
+    (image-major; ``image_index`` says which image each map belongs to). ``kind`` says what the maps are:
+    ``"layer"`` maps (CAMs: ``raw`` is (N, h, w) at layer resolution before ReLU/normalisation, a tuple of
+    such tensors when several layers are fused) or ``"pixel"`` attributions (``raw`` is the signed
+    (N, C, H, W) attribution in input space). ``targets`` holds class indices (None for callable
+    targets), ``scores`` the explained output value, ``probs`` its probability. ``output`` is the
+    selected model output of the clean forward (B, ...), detached, so predictions need no other forward.
     """
 
     maps: torch.Tensor
@@ -35,6 +46,8 @@ class Explanation:
     params: dict[str, Any] = field(default_factory=dict)
     image_index: torch.Tensor | None = None
     layer_auto: bool = False
+    kind: Kind = "layer"
+    output: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.maps.shape[0]
@@ -84,3 +97,57 @@ def finish_maps(
         maps.append(normalize_maps(upsample(m, size, mode), normalize))
     fused = maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
     return normalize_maps(fused, normalize) if len(maps) > 1 else fused
+
+
+# -- pixel attributions ----------------------------------------------------------------------------------
+def reduce_channels(raw: torch.Tensor, mode: Reduce) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H, W): ``absmax`` max_c |a|, ``l2`` sqrt(sum_c a^2), ``sum`` sum_c a (signed)."""
+    raw = raw.float()
+    if mode == "absmax":
+        return raw.abs().amax(1)
+    if mode == "l2":
+        return raw.pow(2).sum(1).sqrt()
+    if mode == "sum":
+        return raw.sum(1)
+    raise LumosError(f"reduce={mode!r} is not known; use one of {', '.join(REDUCTIONS)}.")
+
+
+def upper_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(values, q, dim=1, keepdim=True)`` (linear interpolation) from a top-k, not a full sort."""
+    n = values.shape[1]
+    pos = q * (n - 1)
+    below = math.floor(pos)
+    k = n - below  # the value at ascending index `below` is the k-th largest
+    top = values.topk(k, dim=1).values
+    low, high = top[:, k - 1:k], top[:, max(k - 2, 0):max(k - 2, 0) + 1]
+    return low + (high - low) * (pos - below)
+
+
+def normalize_pixel_maps(maps: torch.Tensor, mode: PixelNormalize, clip: float = 99.5) -> torch.Tensor:
+    """Normalise (N, H, W) maps per map.
+
+    ``"percentile"``: divide by the ``clip``-th percentile of |map| and clip, so a few hot pixels do not
+    wash out the rest; non-negative maps land in [0, 1], signed ones (``reduce="sum"``) in [-1, 1].
+    ``"minmax"``: to [0, 1] by min and max. ``None``: unchanged. A zero map stays zeros.
+    """
+    if mode is None:
+        return maps
+    if mode == "minmax":
+        return normalize_maps(maps, "minmax")
+    if mode != "percentile":
+        raise LumosError(f"normalize={mode!r} is not known; use 'percentile', 'minmax' or None.")
+    if not 0.0 < float(clip) <= 100.0:
+        raise LumosError(f"clip={clip!r} must be a percentile in (0, 100].")
+    flat = maps.flatten(1)
+    mag = flat.abs()
+    scale = upper_quantile(mag, float(clip) / 100.0)
+    top = mag.amax(1, keepdim=True)
+    scale = torch.where(scale > 0, scale, top)  # a sparse map whose percentile is 0: use its max
+    out = torch.where(scale > 0, flat / scale.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    lower = -1.0 if bool((flat < 0).any()) else 0.0
+    return out.clamp(lower, 1.0).view_as(maps)
+
+
+def finish_pixel_maps(raw: torch.Tensor, reduce: Reduce, normalize: PixelNormalize, clip: float) -> torch.Tensor:
+    """``maps`` from signed attributions (N, C, H, W): channel reduction, then normalisation."""
+    return normalize_pixel_maps(reduce_channels(raw, reduce), normalize, clip).float()

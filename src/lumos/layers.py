@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,10 +15,42 @@ from lumos.errors import LumosError, close_matches
 log = logging.getLogger(__name__)
 
 LayerSpec = nn.Module | str | Sequence[nn.Module | str]
+Layout = Callable[[torch.Tensor], torch.Tensor]
 
 
 class LayerError(LumosError):
     """A layer that does not exist or does not give a map."""
+
+
+class AutoLayer(str):
+    """A layer name chosen by ``layer="auto"``: passing it on keeps the choice marked as automatic
+    without tracing the model again."""
+
+
+@dataclass(frozen=True)
+class Site:
+    """A recorded layer: its name, its module and its layout, a function from the layer's output to a
+    B x C x h x w map applied to activations and gradients alike (None: the output already is one)."""
+
+    name: str
+    module: nn.Module
+    layout: Layout | None = None
+
+    @property
+    def auto(self) -> bool:
+        return isinstance(self.name, AutoLayer)
+
+    def to_map(self, t: torch.Tensor) -> torch.Tensor:
+        """The layer output (or its gradient) as B x C x h x w; anything else is a one-line error."""
+        shape = tuple(t.shape)
+        if self.layout is not None:
+            t = self.layout(t)
+        if t.ndim != 4:
+            raise LayerError(
+                f"Layer '{self.name}' outputs shape {shape}, not a B x C x h x w map; choose a convolutional "
+                "layer (see `lumos layers`) or give a layout that turns it into one."
+            )
+        return t
 
 
 @dataclass(frozen=True)
@@ -72,7 +104,9 @@ def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
 
 
 def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = None) -> dict[str, nn.Module]:
-    """Map a layer spec (module, dotted name, ``"auto"``, or a list of them) to ``{name: module}``."""
+    """Map a layer spec (module, dotted name, ``"auto"``, or a list of them) to ``{name: module}``.
+
+    Names chosen by ``"auto"`` are :class:`AutoLayer` strings."""
     specs = [layer] if isinstance(layer, nn.Module | str) else list(layer)
     if not specs:
         raise LayerError("layer= is an empty list; give at least one layer or 'auto'.")
@@ -85,15 +119,29 @@ def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = 
                 raise LayerError(f"The given {type(spec).__name__} module is not part of this model.")
             name = by_module[spec] or type(spec).__name__
             out[name] = spec
+        elif isinstance(spec, AutoLayer) and spec in modules:
+            out[spec] = modules[spec]
         elif spec == "auto":
             if x is None:
                 raise LayerError("layer='auto' needs an input to trace the model.")
-            name = auto_layer(model, x)
+            name = AutoLayer(auto_layer(model, x))
             log.info("lumos: layer='auto' chose '%s'", name)
             out[name] = modules[name]
         elif spec in modules and spec:
-            out[spec] = modules[spec]
+            out[str(spec)] = modules[spec]
         else:
             hint = close_matches(str(spec), [n for n in modules if n])
             raise LayerError(f"No layer named '{spec}' in this model.{hint}")
     return out
+
+
+def resolve_sites(
+    model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = None, layout: Layout | None = None
+) -> list[Site]:
+    """The layers of a spec as :class:`Site` objects, each with ``layout`` (None: conv maps)."""
+    return [Site(name, module, layout) for name, module in resolve_layers(model, layer, x).items()]
+
+
+def is_auto(layer: LayerSpec) -> bool:
+    """Whether a layer spec asks for (or carries) the automatic choice."""
+    return isinstance(layer, AutoLayer) or (isinstance(layer, str) and layer == "auto")

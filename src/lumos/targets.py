@@ -1,8 +1,14 @@
-"""What to explain: which model output, and which score of it per image.
+"""What to explain: which model output, which score of it per image, and its probability.
 
-A target is ``None`` (each image's top-1 class), an ``int``, a list/tensor with one class per image,
+A target spec is ``None`` (each image's top-1 class), an ``int``, a list/tensor with one class per image,
 a class name (``"tabby cat"``), ``"topk:N"`` (N maps per image, best first), or a callable on the model
 output returning one score per image (segmentation, embedding similarity, ...; see the two below).
+
+``resolve_targets`` turns a spec and a model output into a :class:`Target` -- the one protocol every
+method, metric and front end uses: ``Target.scores(output)`` gives the (B, K) explained scores of *any*
+output for the same images (the clean forward, masked or perturbed copies, path points), and
+``Target.probs(output)`` their probabilities. The probability decision (softmax, sigmoid, the output
+itself, or none) is made here and only here: :func:`probability_kind` / :func:`to_probabilities`.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,6 +24,9 @@ from lumos.errors import LumosError, close_matches
 
 TargetSpec = None | int | str | Sequence[int | str] | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 OutputSpec = None | int | str | Callable[[object], torch.Tensor]
+Probs = Literal["auto", "softmax", "sigmoid", "none"]
+PROBS = ("auto", "softmax", "sigmoid", "none")
+TOPK = re.compile(r"\s*top(?:k:?|-?)(\d+)\s*")
 
 
 class TargetError(LumosError):
@@ -45,13 +55,125 @@ def select_output(output: object, selector: OutputSpec) -> torch.Tensor:
     raise TargetError(f"The model output is a {type(output).__name__}; pass output= to select a tensor.")
 
 
+# -- probabilities: the one decision -------------------------------------------------------------------
+def check_probs(probs: str) -> str:
+    """Validate a ``probs=`` choice."""
+    if probs not in PROBS:
+        raise TargetError(f"probs={probs!r} is not known; use one of {', '.join(PROBS)}.")
+    return probs
+
+
+def probability_kind(output: torch.Tensor, probs: str = "auto") -> str:
+    """How probabilities come from a (B, C) output: ``softmax``, ``sigmoid``, ``identity`` or ``none``.
+
+    ``auto``: a single output is a binary logit (sigmoid); outputs already in [0, 1] are taken as the
+    model's own probabilities (a sigmoid or softmax inside the model: a multi-label head must not be
+    softmaxed again); anything else is softmaxed. Decided once, on the clean forward, and kept for every
+    perturbed copy of the same images.
+    """
+    check_probs(probs)
+    if probs != "auto":
+        return probs
+    if output.ndim != 2:
+        return "none"
+    if output.shape[1] == 1:
+        return "sigmoid"
+    values = output.detach()
+    if bool(torch.isfinite(values).all()) and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
+        return "identity"
+    return "softmax"
+
+
+def to_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """Probabilities (B, C) of an output by a :func:`probability_kind`; None for ``none``."""
+    if kind == "none":
+        return None
+    out = output.float()
+    if kind == "softmax":
+        return out.softmax(1)
+    if kind == "sigmoid":
+        return out.sigmoid()
+    if kind == "identity":
+        return out
+    raise TargetError(f"Unknown probability kind {kind!r}.")
+
+
+def probabilities(output: torch.Tensor, probs: str = "auto") -> torch.Tensor | None:
+    """Class probabilities (B, C) of a (B, C) output (None when ``probs="none"``)."""
+    if output.ndim != 2:
+        raise TargetError(f"Class probabilities need a (batch, classes) output; this one is {tuple(output.shape)}.")
+    return to_probabilities(output, probability_kind(output, probs))
+
+
+# -- the target protocol --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """A resolved target: the same explained quantity for any output of the same images.
+
+    ``classes`` (B, K) for class targets (K maps per image, image-major), or ``fn`` for a callable target
+    (K = 1). ``kind`` is the probability kind decided on the clean output.
+    """
+
+    classes: torch.Tensor | None
+    fn: Callable[[torch.Tensor], torch.Tensor] | None
+    kind: str
+
+    @property
+    def k(self) -> int:
+        return 1 if self.classes is None else self.classes.shape[1]
+
+    def rows(self, n: int, index: torch.Tensor | None) -> torch.Tensor | None:
+        """Classes (n, K) for output rows that belong to images ``index`` (n,); all images when None."""
+        if self.classes is None:
+            return None
+        return self.classes if index is None else self.classes[index.to(self.classes.device)]
+
+    def scores(self, output: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Explained scores (n, K) on the graph of ``output``; row r belongs to image ``index[r]``."""
+        if self.fn is not None:
+            fn = self.fn
+            if index is not None and hasattr(fn, "select"):
+                fn = fn.select(index)  # type: ignore[union-attr]
+            values = fn(output)
+            n = output.shape[0]
+            if not isinstance(values, torch.Tensor) or values.shape != (n,):
+                got = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+                raise TargetError(f"A callable target must return one score per image, shape ({n},); got {got}.")
+            return values[:, None]
+        classes = self.rows(output.shape[0], index)
+        return output.gather(1, classes.to(output.device))
+
+    def probs(self, output: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Probabilities (n, K) of the explained classes (None for callables or ``probs="none"``)."""
+        if self.classes is None:
+            return None
+        dist = to_probabilities(output.detach(), self.kind)
+        return None if dist is None else dist.gather(1, self.rows(output.shape[0], index).to(output.device))
+
+    def confidence(self, output: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """What perturbation methods and metrics compare: the probability where there is one, else the score."""
+        p = self.probs(output, index)
+        return self.scores(output.detach(), index).float() if p is None else p
+
+    def select(self, index: torch.Tensor) -> Target:
+        """The same target for the images ``index`` only (their classes, the callable restricted)."""
+        fn = self.fn.select(index) if self.fn is not None and hasattr(self.fn, "select") else self.fn  # type: ignore
+        return Target(None if self.classes is None else self.classes[index.to(self.classes.device)], fn, self.kind)
+
+    def spec(self) -> TargetSpec:
+        """A target spec that resolves to exactly these targets for rank ``0`` (one class per image)."""
+        return self.fn if self.classes is None else self.classes[:, 0]
+
+
 @dataclass
 class Targets:
-    """Resolved targets: ``scores`` is (B, K) -- K maps per image; ``classes`` (B, K) or None."""
+    """Resolved targets of one forward: ``scores`` (B, K) on its graph, ``classes`` (B, K) or None,
+    ``probs`` (B, K) or None, and the reusable :class:`Target`."""
 
     scores: torch.Tensor
     classes: torch.Tensor | None
     probs: torch.Tensor | None
+    target: Target
 
 
 def _class_index(name: str, labels: Sequence[str] | None, num_classes: int) -> int:
@@ -76,44 +198,40 @@ def _check_classes(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return classes
 
 
-def resolve_targets(target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None = None) -> Targets:
-    """Turn a target spec into per-image scores (B, K) on the graph of ``output``."""
-    batch = output.shape[0]
+def _classes(target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None) -> torch.Tensor:
+    batch, num_classes = output.shape
+    if target is None:
+        return output.argmax(1, keepdim=True)
+    if isinstance(target, str) and (m := TOPK.fullmatch(target.lower())):
+        k = int(m.group(1))
+        if not 1 <= k <= num_classes:
+            raise TargetError(f"'{target}' asks for {k} classes; the model has {num_classes}.")
+        return output.topk(k, dim=1).indices
+    if isinstance(target, int | str):
+        index = target if isinstance(target, int) else _class_index(target, labels, num_classes)
+        return torch.full((batch, 1), index, dtype=torch.long, device=output.device)
+    items = target.tolist() if isinstance(target, torch.Tensor) else list(target)  # type: ignore[union-attr]
+    if len(items) != batch:
+        raise TargetError(f"Got {len(items)} targets for {batch} images; give one per image or a single one.")
+    items = [i if isinstance(i, int) else _class_index(str(i), labels, num_classes) for i in items]
+    return torch.tensor(items, dtype=torch.long, device=output.device)[:, None]
+
+
+def resolve_targets(
+    target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None = None, probs: str = "auto"
+) -> Targets:
+    """Turn a target spec into per-image scores (B, K) on the graph of ``output``, and its :class:`Target`."""
     if callable(target) and not isinstance(target, torch.Tensor):
-        scores = target(output)
-        if not isinstance(scores, torch.Tensor) or scores.shape != (batch,):
-            got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-            raise TargetError(f"A callable target must return one score per image, shape ({batch},); got {got}.")
-        return Targets(scores[:, None], None, None)
+        resolved = Target(None, target, "none")
+        return Targets(resolved.scores(output), None, None, resolved)
     if output.ndim != 2:
         raise TargetError(
             f"Class targets need a (batch, classes) output; this one is {tuple(output.shape)}. "
             "Use a callable target (see lumos.targets)."
         )
-    num_classes = output.shape[1]
-    k = 1
-    if target is None:
-        classes = output.argmax(1, keepdim=True)
-    elif isinstance(target, str) and (m := re.fullmatch(r"\s*top(?:k:?|-?)(\d+)\s*", target.lower())):
-        k = int(m.group(1))
-        if not 1 <= k <= num_classes:
-            raise TargetError(f"'{target}' asks for {k} classes; the model has {num_classes}.")
-        classes = output.topk(k, dim=1).indices
-    elif isinstance(target, int | str):
-        index = target if isinstance(target, int) else _class_index(target, labels, num_classes)
-        classes = torch.full((batch, 1), index, dtype=torch.long, device=output.device)
-    else:
-        items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
-        if len(items) != batch:
-            raise TargetError(f"Got {len(items)} targets for {batch} images; give one per image or a single one.")
-        items = [i if isinstance(i, int) else _class_index(str(i), labels, num_classes) for i in items]
-        classes = torch.tensor(items, dtype=torch.long, device=output.device)[:, None]
-    classes = _check_classes(classes, num_classes)
-    scores = output.gather(1, classes)
-    with torch.no_grad():
-        dist = torch.sigmoid(output) if num_classes == 1 else torch.softmax(output.float(), dim=1)
-        probs = dist.gather(1, classes)
-    return Targets(scores, classes, probs)
+    classes = _check_classes(_classes(target, output.detach(), labels), output.shape[1])
+    resolved = Target(classes, None, probability_kind(output, probs))
+    return Targets(resolved.scores(output), classes, resolved.probs(output), resolved)
 
 
 class SegmentationTarget:
@@ -125,6 +243,12 @@ class SegmentationTarget:
     def __init__(self, category: int, mask: torch.Tensor | None = None) -> None:
         self.category = category
         self.mask = mask
+
+    def select(self, index: torch.Tensor) -> SegmentationTarget:
+        """The target for output rows of images ``index`` (a per-image mask follows its images)."""
+        if self.mask is None or self.mask.ndim < 3:
+            return self
+        return SegmentationTarget(self.category, self.mask[index.to(self.mask.device)])
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         logits = output[:, self.category]

@@ -1,7 +1,7 @@
 """Explanation methods. Each registers itself by name in ``REGISTRY``."""
 
 from lumos.methods.activation_cams import CAM, EigenCAM
-from lumos.methods.base import REGISTRY, LayerMethod
+from lumos.methods.base import REGISTRY, LayerMethod, Method, method_class, methods
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
 from lumos.methods.pixel import (
@@ -16,6 +16,9 @@ from lumos.methods.scorecam import ScoreCAM
 from lumos.methods.smoothgrad import SmoothGrad
 
 __all__ = [
+    "Method",
+    "method_class",
+    "methods",
     "DeconvNet",
     "GradientXInput",
     "Gradients",

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from lumos.errors import LumosError
-from lumos.methods.base import LayerMethod, register
+from lumos.engine import Forward
+from lumos.methods.base import ActivationMethod, register, spatial_mean, stack_ranks
 
 
 class HeadError(LumosError):
@@ -14,7 +15,7 @@ class HeadError(LumosError):
 
 
 @register
-class CAM(LayerMethod):
+class CAM(ActivationMethod):
     """CAM (Zhou et al. 2016) for models ending in global average pooling + one linear layer.
 
     The map for class c is sum_k w[c, k] A_k with ``w`` the head's weights. The head is found and
@@ -22,12 +23,10 @@ class CAM(LayerMethod):
     """
 
     name = "cam"
-    needs_grad = False
 
     def __init__(self, *args, head: nn.Linear | str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.head = head
-        self._weight: torch.Tensor | None = None
 
     def _find_head(self, acts: torch.Tensor, out: torch.Tensor, layer: str) -> torch.Tensor:
         modules = dict(self.model.named_modules())
@@ -45,32 +44,34 @@ class CAM(LayerMethod):
                 f"CAM needs a linear layer from the {acts.shape[1]} channels of '{layer}' to the "
                 f"{out.shape[1]} outputs, and this model has none; use method='gradcam' instead."
             )
-        pooled = acts.float().mean((2, 3))
+        pooled = spatial_mean(acts.float())
         for fc in fitting:
             with torch.no_grad():
                 bias = None if fc.bias is None else fc.bias.float()
                 predicted = nn.functional.linear(pooled, fc.weight.float(), bias)
-            if torch.allclose(predicted, out.float(), rtol=1e-3, atol=1e-3 * out.abs().max().item() + 1e-5):
+            # Tolerance follows the precision the model ran in (bfloat16 keeps ~3 significant digits).
+            eps = max(torch.finfo(out.dtype).eps, torch.finfo(acts.dtype).eps, 1e-6)
+            tol = max(1e-3, 16 * eps)
+            if torch.allclose(predicted, out.float(), rtol=tol, atol=tol * out.float().abs().max().item() + 1e-5):
                 return fc.weight.detach()
         raise HeadError(
             f"CAM needs the output of '{layer}' to go straight through global average pooling and a linear "
             "layer, and this model does more in between; use method='gradcam' instead."
         )
 
-    def forward(self, x, layers):
-        out, acts = super().forward(x, layers)
-        if len(acts) != 1:
+    def compute(self, fw: Forward) -> list[torch.Tensor]:
+        if len(fw.sites) != 1:
             raise HeadError("CAM explains one layer, the one that feeds the pooling + linear head.")
-        (name, a), = acts.items()
-        self._weight = self._find_head(a, out.detach(), name)
-        return out, acts
-
-    def layer_map(self, acts, grads, classes):
-        return torch.einsum("bc,bchw->bhw", self._weight[classes].to(acts.dtype), acts)
+        if fw.targets.classes is None:
+            raise HeadError("CAM explains classes of the linear head; a callable target needs method='gradcam'.")
+        (acts,) = fw.maps()
+        weight = self._find_head(acts, fw.output.detach(), fw.sites[0].name)
+        return stack_ranks([[torch.einsum("bc,bchw->bhw", weight[fw.classes(j)].to(acts.dtype), acts)]
+                            for j in range(fw.k)])
 
 
 @register
-class EigenCAM(LayerMethod):
+class EigenCAM(ActivationMethod):
     """Eigen-CAM (Muhammad & Yeasin 2020): the activations' first principal component (class-agnostic).
 
     The sign of a principal component is arbitrary; it is fixed so that the map correlates positively
@@ -78,7 +79,6 @@ class EigenCAM(LayerMethod):
     """
 
     name = "eigencam"
-    needs_grad = False
 
     def layer_map(self, acts, grads, classes):
         b, c, h, w = acts.shape

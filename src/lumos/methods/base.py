@@ -1,7 +1,9 @@
-"""The shared pipeline of every layer-map method: guard -> forward with capture -> targets -> maps.
+"""What every method shares: the registry, the common settings, and the layer-map family.
 
-A gradient CAM only says how it weighs channels (``channel_weights``) or, when it is not a weighted sum
-of channels, how it forms the map (``layer_map``). One forward and one backward per batch.
+A method is math on top of :mod:`lumos.engine`: it says which forward it needs (``grad_mode``, ``rule``),
+turns a :class:`~lumos.engine.Forward` into raw maps (``compute``) and finishes them (``finish``). A
+method object holds settings only -- nothing about a particular call -- so one object can serve many
+calls and threads, and pickles with its settings.
 """
 
 from __future__ import annotations
@@ -12,51 +14,59 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lumos.capture import Capture, model_guard
-from lumos.errors import LumosError
-from lumos.explanation import Explanation, Normalize, finish_maps
-from lumos.layers import LayerSpec, resolve_layers
-from lumos.targets import OutputSpec, Targets, TargetSpec, resolve_targets, select_output
+from lumos.engine import Forward, run
+from lumos.errors import LumosError, close_matches
+from lumos.explanation import Explanation, Kind, Normalize, finish_maps, normalize_maps, upsample
+from lumos.layers import LayerSpec, Layout, Site, resolve_sites
+from lumos.rules import Rule
+from lumos.targets import OutputSpec, TargetSpec, check_probs
 
-REGISTRY: dict[str, type[LayerMethod]] = {}
+REGISTRY: dict[str, type[Method]] = {}
+ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam": "gradcam", "score-cam": "scorecam",
+           "layer-cam": "layercam", "eigen-cam": "eigencam", "grad-cam++": "gradcam++", "xgrad-cam": "xgradcam",
+           "hires-cam": "hirescam", "ig": "integrated_gradients", "guided-gradcam": "guided_gradcam"}
 
 
-def register(cls: type[LayerMethod]) -> type[LayerMethod]:
+def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its ``name`` in ``lumos.explain``."""
     REGISTRY[cls.name] = cls
     return cls
 
 
-def check_input(x: object) -> torch.Tensor:
-    """Accept a (B, C, H, W) or (C, H, W) floating tensor; anything else is a one-line error."""
-    if not isinstance(x, torch.Tensor):
-        raise LumosError(
-            f"Input must be a torch.Tensor (B x C x H x W), not {type(x).__name__}; preprocess images first, "
-            "e.g. with the preprocess returned by lumos.load_model."
-        )
-    if x.ndim == 3:
-        x = x[None]
-    if x.ndim != 4 or not x.is_floating_point() or x.shape[0] == 0:
-        raise LumosError(f"Input must be a non-empty float tensor B x C x H x W; got {x.dtype} {tuple(x.shape)}.")
-    return x.detach()
+def methods() -> list[str]:
+    """Names accepted by ``explain(method=...)``."""
+    return sorted(REGISTRY)
 
 
-class LayerMethod:
-    """Base of layer-map methods. Use as ``method(x, target)`` or ``with Method(model) as m: m(x)``.
+def method_class(name: str) -> type[Method]:
+    """The method class registered under ``name`` (case-insensitive, a few aliases)."""
+    key = str(name).strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in REGISTRY:
+        raise LumosError(f"Unknown method '{name}'.{close_matches(name, REGISTRY)} Known: {', '.join(methods())}.")
+    return REGISTRY[key]
+
+
+class Method:
+    """Base of every method. Use as ``method(x, target)`` (or ``with Method(model) as m: m(x)``).
 
     Args:
         model: any ``nn.Module``; left exactly as found (mode, buffers, grads, hooks).
         layer: a module, a dotted name, ``"auto"``, or a list of them (maps fused by averaging).
         output: selects the tensor to explain when the model returns a tuple/dict (index, key or callable).
-        relu: clamp negative evidence before upsampling (the papers' choice).
-        normalize: ``"minmax"`` (each map to [0, 1]) or ``None`` (raw scale).
-        upsample: interpolation to the input size: bilinear, bicubic, nearest or area.
-        eval_mode: explain the model in eval mode (deterministic, per-image); mode restored after.
         labels: class names, so targets may be given as names.
+        eval_mode: explain the model in eval mode (deterministic, per-image); mode restored after.
+        probs: how probabilities come from the output: ``"auto"`` (softmax; sigmoid for one output; the
+            output itself when it already lies in [0, 1]), ``"softmax"``, ``"sigmoid"`` or ``"none"``.
+        layout: for layers whose output is not B x C x h x w, a function that makes it so (applied to
+            activations and gradients alike).
     """
 
     name: ClassVar[str] = ""
-    needs_grad: ClassVar[bool] = True
+    kind: ClassVar[Kind] = "layer"
+    grad_mode: ClassVar[str] = "sites"
+    rule: ClassVar[Rule | None] = None
+    uses_layer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -64,103 +74,132 @@ class LayerMethod:
         layer: LayerSpec = "auto",
         *,
         output: OutputSpec = None,
-        relu: bool = True,
-        normalize: Normalize = "minmax",
-        upsample: str = "bilinear",
-        eval_mode: bool = True,
         labels: Sequence[str] | None = None,
+        eval_mode: bool = True,
+        probs: str = "auto",
+        layout: Layout | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise LumosError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
         self.model = model
         self.layer = layer
         self.output = output
-        self.relu = relu
-        self.normalize = normalize
-        self.upsample = upsample
-        self.eval_mode = eval_mode
         self.labels = labels
-        self._layers: dict[str, nn.Module] | None = None
+        self.eval_mode = bool(eval_mode)
+        self.probs = check_probs(probs)
+        self.layout = layout
+        self._sites: list[Site] | None = None  # resolved once per method object (a property of the model)
 
-    def __enter__(self) -> LayerMethod:
+    def __enter__(self) -> Method:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._layers = None
+        self._sites = None
 
-    # -- hooks for subclasses -------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, target: TargetSpec = None) -> Explanation:
+        return run(self, x, target)
+
+    # -- what a method says -----------------------------------------------------------------------------
+    def sites(self, x: torch.Tensor) -> list[Site]:
+        """The layers to record (resolved once, then cached); none for methods that ignore the layer."""
+        if not self.uses_layer:
+            return []
+        if self._sites is None:
+            self._sites = resolve_sites(self.model, self.layer, x, self.layout)
+        return self._sites
+
+    def layer_names(self, fw: Forward) -> list[str]:
+        return [s.name for s in fw.sites]
+
+    def compute(self, fw: Forward) -> list[torch.Tensor] | tuple[list[torch.Tensor], dict[str, Any]]:
+        """Raw maps from one forward (and optionally extra params for the Explanation)."""
+        raise NotImplementedError
+
+    def finish(self, raws: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        """``maps`` (N, H, W) from the raw maps."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The settings that produced a map (recorded on the Explanation)."""
+        return {}
+
+
+def stack_ranks(per_rank: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """[rank][site] maps (B, ...) -> per site (B*K, ...), image-major."""
+    return [torch.stack([r[i] for r in per_rank], 1).flatten(0, 1) for i in range(len(per_rank[0]))]
+
+
+def weighted_sum(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    """sum_c weights[n, c] * acts[n, c] -> (N, h, w)."""
+    return torch.einsum("nc,nchw->nhw", weights.to(acts.dtype), acts)
+
+
+def spatial_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean over all spatial positions: (N, C, ...) -> (N, C)."""
+    return t.flatten(2).mean(2)
+
+
+def spatial_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over all spatial positions: (N, C, ...) -> (N, C)."""
+    return t.flatten(2).sum(2)
+
+
+class LayerMethod(Method):
+    """Layer maps (CAMs). Extra args:
+
+        relu: clamp negative evidence before upsampling (the papers' choice).
+        normalize: ``"minmax"`` (each map to [0, 1]) or ``None`` (raw scale).
+        upsample: interpolation to the input size: bilinear, bicubic, nearest or area.
+
+    A gradient CAM only says how it weighs channels (``channel_weights``) or, when it is not a weighted sum
+    of channels, how it forms the map (``layer_map``). One forward and one backward per target rank.
+    """
+
+    kind: ClassVar[Kind] = "layer"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, relu: bool = True,
+                 normalize: Normalize = "minmax", upsample: str = "bilinear", **kwargs: Any) -> None:
+        super().__init__(model, layer, **kwargs)
+        if not isinstance(relu, bool):
+            raise LumosError(f"relu must be true or false, got {relu!r}.")
+        normalize_maps(torch.zeros(1, 1), normalize)  # validate early
+        upsample_check(upsample)
+        self.relu = relu
+        self.normalize = normalize
+        self.upsample = upsample
+
+    def params(self) -> dict[str, Any]:
+        return {"relu": self.relu, "normalize": self.normalize, "upsample": self.upsample}
+
+    def finish(self, raws: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return finish_maps(raws, size, self.relu, self.normalize, self.upsample)
+
+    # -- the math of one CAM ---------------------------------------------------------------------------
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         """(N, C) weight per channel; the map is the weighted channel sum."""
         raise NotImplementedError
 
-    def layer_map(
-        self, acts: torch.Tensor, grads: torch.Tensor | None, classes: torch.Tensor | None
-    ) -> torch.Tensor:
+    def layer_map(self, acts: torch.Tensor, grads: torch.Tensor | None, classes: torch.Tensor | None) -> torch.Tensor:
         """(B, h, w) raw map from activations (B, C, h, w), their gradients and the target classes (B,)."""
-        weights = self.channel_weights(acts, grads)
-        return torch.einsum("nc,nchw->nhw", weights.to(acts.dtype), acts)
+        return weighted_sum(self.channel_weights(acts, grads), acts)
 
-    def params(self) -> dict[str, Any]:
-        """The settings that produced a map (recorded on the Explanation)."""
-        return {"relu": self.relu, "normalize": self.normalize, "upsample": self.upsample}
-
-    # -- pipeline ---------------------------------------------------------------------------------------
-    def resolve(self, x: torch.Tensor) -> dict[str, nn.Module]:
-        """Resolve (once, then cached) the layers to explain; ``x`` is used for ``"auto"``."""
-        if self._layers is None:
-            self._layers = resolve_layers(self.model, self.layer, x)
-        return self._layers
-
-    def forward(self, x: torch.Tensor, layers: dict[str, nn.Module]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward recording the layers; returns the selected output and the activations."""
-        with torch.no_grad(), Capture(layers, grad=self.needs_grad) as cap:
-            out = select_output(self.model(x), self.output)
-        missing = [n for n in layers if n not in cap.activations]
-        if missing:
-            raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")
-        return out, cap.activations
-
-    def __call__(self, x: torch.Tensor, target: TargetSpec = None) -> Explanation:
-        x = check_input(x)
-        with model_guard(self.model, self.eval_mode), torch.enable_grad():
-            layers = self.resolve(x)
-            out, acts = self.forward(x, layers)
-            targets = resolve_targets(target, out, self.labels)
-            raws = self.compute(x, list(acts.values()), targets)
-        return self._explanation(x, raws, targets, list(layers))
-
-    def compute(self, x: torch.Tensor, acts: list[torch.Tensor], targets: Targets) -> list[torch.Tensor]:
-        """Raw maps (N, h, w) per layer, N = B x K (image-major), one backward per target rank."""
-        k = targets.scores.shape[1]
-        per_rank: list[list[torch.Tensor]] = []
-        for j in range(k):
-            grads = (
-                torch.autograd.grad(targets.scores[:, j].sum(), acts, retain_graph=j < k - 1)
-                if self.needs_grad
-                else [None] * len(acts)
-            )
-            classes = None if targets.classes is None else targets.classes[:, j]
-            per_rank.append([self.layer_map(a.detach(), g, classes) for a, g in zip(acts, grads, strict=True)])
-        return [torch.stack([r[i] for r in per_rank], 1).flatten(0, 1).detach() for i in range(len(acts))]
-
-    def _explanation(
-        self, x: torch.Tensor, raws: list[torch.Tensor], targets: Targets, names: list[str]
-    ) -> Explanation:
-        b, k = targets.scores.shape
-        maps = finish_maps(raws, tuple(x.shape[-2:]), self.relu, self.normalize, self.upsample)
-        return Explanation(
-            maps=maps,
-            raw=raws[0] if len(raws) == 1 else tuple(raws),
-            targets=_flat(targets.classes),
-            scores=_flat(targets.scores),
-            probs=_flat(targets.probs),
-            layer=names[0] if len(names) == 1 else tuple(names),
-            method=self.name,
-            params=self.params(),
-            image_index=torch.arange(b, device=x.device).repeat_interleave(k),
-            layer_auto=self.layer == "auto",
-        )
+    def compute(self, fw: Forward) -> list[torch.Tensor]:
+        acts = fw.maps()
+        per_rank = [[self.layer_map(a, g, fw.classes(j)) for a, g in zip(acts, grads, strict=True)]
+                    for j, grads in fw.site_grads()]
+        return stack_ranks(per_rank)
 
 
-def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().reshape(-1)
+class ActivationMethod(LayerMethod):
+    """Layer maps from the activations alone (no gradient): one no-grad forward."""
+
+    grad_mode: ClassVar[str] = "none"
+
+    def compute(self, fw: Forward) -> list[torch.Tensor]:
+        acts = fw.maps()
+        return stack_ranks([[self.layer_map(a, None, fw.classes(j)) for a in acts] for j in range(fw.k)])
+
+
+def upsample_check(mode: str) -> str:
+    upsample(torch.zeros(1, 1, 1), (1, 1), mode)
+    return mode

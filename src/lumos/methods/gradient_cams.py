@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lumos.methods.base import LayerMethod, register
+from lumos.methods.base import LayerMethod, register, spatial_mean, spatial_sum
+
+
+def gradcam_weights(grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM's channel weights (N, C): the spatial mean of the gradient."""
+    return spatial_mean(grads)
 
 
 @register
@@ -14,7 +19,7 @@ class GradCAM(LayerMethod):
     name = "gradcam"
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        return grads.mean((2, 3))
+        return gradcam_weights(grads)
 
 
 @register
@@ -29,9 +34,9 @@ class GradCAMPlusPlus(LayerMethod):
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
         g2 = grads.pow(2)
-        denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * grads.pow(3)
+        denom = 2 * g2 + spatial_sum(acts)[..., None, None] * grads.pow(3)
         alpha = g2 / torch.where(denom != 0, denom, torch.ones_like(denom))
-        return (alpha * grads.relu()).sum((2, 3))
+        return spatial_sum(alpha * grads.relu())
 
 
 @register
@@ -41,8 +46,8 @@ class XGradCAM(LayerMethod):
     name = "xgradcam"
 
     def channel_weights(self, acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
-        total = acts.sum((2, 3), keepdim=True)
-        return (grads * acts / (total + 1e-7)).sum((2, 3))
+        total = spatial_sum(acts)[..., None, None]
+        return spatial_sum(grads * acts / (total + 1e-7))
 
 
 @register

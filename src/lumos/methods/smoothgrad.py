@@ -7,13 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lumos.capture import model_guard
-from lumos.errors import LumosError
-from lumos.explanation import Explanation, finish_maps
-from lumos.layers import LayerSpec
-from lumos.methods.base import _flat, check_input, register
+from lumos.engine import Forward
+from lumos.errors import LumosError, positive_int
+from lumos.layers import LayerSpec, Site
+from lumos.methods.base import LayerMethod, method_class, register
 from lumos.methods.pixel import PixelMethod
-from lumos.targets import TargetSpec, resolve_targets, select_output
 
 VARIANTS = ("plain", "squared", "variance")
 
@@ -57,22 +55,23 @@ class SmoothGrad(PixelMethod):
         reduce: Any = "absmax",
         normalize: Any = "percentile",
         clip: float = 99.5,
+        probs: str = "auto",
         **base_kwargs: Any,
     ) -> None:
         super().__init__(model, layer, output=output, labels=labels, eval_mode=eval_mode, reduce=reduce,
-                         normalize=normalize, clip=clip)
-        from lumos.api import method_class  # lazy: lumos.api imports the methods package
-
+                         normalize=normalize, clip=clip, probs=probs)
         cls = method_class(base)
         if cls is SmoothGrad:
             raise LumosError("smoothgrad cannot wrap itself; choose another base method.")
         if variant not in VARIANTS:
             raise LumosError(f"variant={variant!r} is not known; use one of {', '.join(VARIANTS)}.")
-        if int(n_samples) < 1 or int(batch_size) < 1:
-            raise LumosError("n_samples and batch_size must be positive integers.")
-        if not float(noise) >= 0:
+        n_samples = positive_int("n_samples", n_samples)
+        batch_size = positive_int("batch_size", batch_size)
+        if not isinstance(noise, int | float) or not float(noise) >= 0:
             raise LumosError(f"noise={noise!r} must be a non-negative fraction of the input range.")
-        self.base = cls(model, layer, output=output, labels=labels, eval_mode=eval_mode, **base_kwargs)
+        self.base = cls(model, layer, output=output, labels=labels, eval_mode=eval_mode, probs=probs, **base_kwargs)
+        self.kind = self.base.kind  # the smoothed maps are what the base method makes
+        self.uses_layer = self.base.uses_layer
         self.n_samples = int(n_samples)
         self.noise = float(noise)
         self.variant = variant
@@ -84,10 +83,18 @@ class SmoothGrad(PixelMethod):
                 "variant": self.variant, "batch_size": self.batch_size, "seed": self.seed,
                 "base_params": self.base.params()}
 
-    def __call__(self, x: torch.Tensor, target: TargetSpec = None) -> Explanation:
-        x = check_input(x)
-        with model_guard(self.model, self.eval_mode), torch.no_grad():
-            targets = resolve_targets(target, select_output(self.model(x), self.output), self.labels)
+    grad_mode = "none"  # the clean forward resolves targets (and records the base's layer, if any)
+
+    def sites(self, x: torch.Tensor) -> list[Site]:
+        return self.base.sites(x)
+
+    def finish(self, raws: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        if isinstance(self.base, LayerMethod):
+            return self.base.finish(raws, size)
+        return super().finish(raws, size)
+
+    def compute(self, fw: Forward) -> list[torch.Tensor]:
+        x, targets = fw.x, fw.targets
         b, k = targets.scores.shape
         sigma = self.noise * (x.amax((1, 2, 3)) - x.amin((1, 2, 3)))
         # Copies share a call when targets are classes; with noise 0 each copy runs alone, so the result is
@@ -95,24 +102,10 @@ class SmoothGrad(PixelMethod):
         per_call = 1 if targets.classes is None or self.noise == 0 else max(1, self.batch_size // b)
         ranks: list[Any] = []
         for j in range(k):
-            spec = target if targets.classes is None else targets.classes[:, j]
+            spec = fw.target.spec() if targets.classes is None else targets.classes[:, j]
             ranks.append(self._smooth(x, sigma, spec, per_call))
-        layer = None
-        if isinstance(self.base, PixelMethod):
-            raw = torch.stack(ranks, 1).flatten(0, 1)
-            maps = self.finish(raw)
-        else:
-            parts = [r if isinstance(r, tuple) else (r,) for r in ranks]
-            raws = [torch.stack([p[i] for p in parts], 1).flatten(0, 1) for i in range(len(parts[0]))]
-            raw = raws[0] if len(raws) == 1 else tuple(raws)
-            maps = finish_maps(raws, tuple(x.shape[-2:]), self.base.relu, self.base.normalize, self.base.upsample)
-            layer = self._base_layer
-        return Explanation(
-            maps=maps, raw=raw, targets=_flat(targets.classes), scores=_flat(targets.scores),
-            probs=_flat(targets.probs), layer=layer, method=self.name, params=self.params(),
-            image_index=torch.arange(b, device=x.device).repeat_interleave(k),
-            layer_auto=layer is not None and self.layer == "auto",
-        )
+        parts = [r if isinstance(r, tuple) else (r,) for r in ranks]
+        return [torch.stack([p[i] for p in parts], 1).flatten(0, 1) for i in range(len(parts[0]))]
 
     def _smooth(self, x: torch.Tensor, sigma: torch.Tensor, spec: Any, per_call: int) -> Any:
         """Welford mean (and variance) of the base method's raw output over the noisy copies."""
@@ -130,7 +123,6 @@ class SmoothGrad(PixelMethod):
             noisy = (x[None] + sigma.view(1, b, 1, 1, 1) * eps).flatten(0, 1)
             t = spec if not isinstance(spec, torch.Tensor) else spec.repeat(m)
             ex = self.base(noisy, t)
-            self._base_layer = ex.layer
             outs = ex.raw if isinstance(ex.raw, tuple) else (ex.raw,)
             for i in range(m):
                 sample = [o[i * b:(i + 1) * b].double() for o in outs]

@@ -1,0 +1,255 @@
+"""The engine: the work every method shares, in one place.
+
+- :func:`check_input` -- the one input check (shape, dtype, NaN/Inf, inference tensors);
+- :func:`guard` -- the model left as found, autograd available even under ``torch.inference_mode``;
+- :func:`forward` -- the one guarded forward over capture sites (+ backward rules) that resolves targets;
+- :func:`grad` / :meth:`Forward.rank_grads` -- the one ``torch.autograd.grad`` call, per target rank, with
+  a clear error when gradients are blocked (never a silent zero map);
+- :func:`input_gradients` -- gradients of the targets w.r.t. many inputs in one forward (IG's path points);
+- :func:`score_inputs` -- scoring many masked/perturbed inputs in bounded batches;
+- :func:`run` and :func:`build` -- a method's call (forward -> method math -> Explanation) and the one
+  Explanation builder.
+
+A method is math on top of this (see ``lumos.methods``): it says which forward it needs (``grad``:
+``"sites"``, ``"input"`` or ``"none"``; an optional backward ``rule``), computes raw maps from a
+:class:`Forward` in ``compute`` and finishes them in ``finish``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lumos.capture import Capture, model_guard
+from lumos.errors import LumosError
+from lumos.explanation import Explanation, Kind
+from lumos.layers import Site
+from lumos.rules import Rule, RuleState, backward_rules
+from lumos.targets import OutputSpec, Target, Targets, TargetSpec, resolve_targets, select_output
+
+
+class GradientError(LumosError):
+    """Gradients cannot reach what a method differentiates (no_grad/inference_mode/detach in the model)."""
+
+
+def check_input(x: object) -> torch.Tensor:
+    """Accept a (B, C, H, W) or (C, H, W) floating tensor of finite values; anything else is a one-line error.
+
+    Returns a detached tensor that autograd can use (an inference-mode tensor is cloned out of it).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise LumosError(
+            f"Input must be a torch.Tensor (B x C x H x W), not {type(x).__name__}; preprocess images first, "
+            "e.g. with the preprocess returned by lumos.load_model."
+        )
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or not x.is_floating_point() or x.shape[0] == 0:
+        raise LumosError(f"Input must be a non-empty float tensor B x C x H x W; got {x.dtype} {tuple(x.shape)}.")
+    x = x.detach()
+    if x.is_inference():
+        with torch.inference_mode(False):
+            x = x.clone()
+    bad = (~torch.isfinite(x)).flatten(1).any(1)
+    if bool(bad.any()):
+        which = ", ".join(str(i) for i in bad.nonzero()[:, 0].tolist()[:10])
+        raise LumosError(f"Input image(s) {which} (batch index) contain NaN or Inf values; nothing to explain there.")
+    return x
+
+
+@contextmanager
+def guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """The model left as found (modes, buffers, grad mode), with autograd usable even when the caller is
+    inside ``torch.inference_mode()``."""
+    with torch.inference_mode(False), model_guard(model, eval_mode):
+        yield
+
+
+def grad(score: torch.Tensor, wrt: Sequence[torch.Tensor], retain: bool, what: str) -> list[torch.Tensor]:
+    """d ``score`` / d ``wrt`` -- the one ``torch.autograd.grad`` call. Blocked gradients are an error."""
+    if not score.requires_grad:
+        raise GradientError(
+            f"Gradients are blocked: the explained score does not depend on {what} through autograd (the model "
+            "runs under torch.no_grad, detaches its output, or uses .data); explain a model that keeps its graph."
+        )
+    grads = torch.autograd.grad(score, list(wrt), retain_graph=retain, allow_unused=True)
+    if any(g is None for g in grads):
+        raise GradientError(
+            f"Gradients are blocked: the explained score does not depend on {what} through autograd (a detach or "
+            "torch.no_grad inside the model cuts the path)."
+        )
+    return list(grads)
+
+
+@dataclass
+class Forward:
+    """One guarded forward: the input (a leaf requiring grad for ``grad="input"``), the selected output,
+    the recorded sites' raw outputs (graph leaves), the resolved targets and the backward-rule state."""
+
+    x: torch.Tensor
+    output: torch.Tensor
+    acts: dict[str, torch.Tensor]
+    sites: list[Site]
+    targets: Targets
+    rule_state: RuleState | None = None
+
+    @property
+    def target(self) -> Target:
+        return self.targets.target
+
+    @property
+    def k(self) -> int:
+        return self.targets.scores.shape[1]
+
+    def maps(self) -> list[torch.Tensor]:
+        """Each site's activations as B x C x h x w (its layout applied), detached."""
+        return [s.to_map(self.acts[s.name].detach()) for s in self.sites]
+
+    def classes(self, j: int) -> torch.Tensor | None:
+        """Target classes (B,) of rank ``j`` (None for a callable target)."""
+        return None if self.targets.classes is None else self.targets.classes[:, j]
+
+    def rank_grads(self, wrt: Sequence[torch.Tensor], what: str) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Per target rank ``j``: gradients of ``scores[:, j].sum()`` w.r.t. ``wrt`` (one backward each)."""
+        for j in range(self.k):
+            yield j, grad(self.targets.scores[:, j].sum(), wrt, retain=j < self.k - 1, what=what)
+
+    def site_grads(self) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """Per rank: gradients at every site as B x C x h x w (the site's layout applied)."""
+        tensors = [self.acts[s.name] for s in self.sites]
+        names = ", ".join(f"layer '{s.name}'" for s in self.sites)
+        for j, grads in self.rank_grads(tensors, names):
+            yield j, [s.to_map(g) for s, g in zip(self.sites, grads, strict=True)]
+
+
+def forward(
+    model: nn.Module,
+    x: torch.Tensor,
+    sites: Sequence[Site],
+    target: TargetSpec,
+    *,
+    output: OutputSpec = None,
+    labels: Sequence[str] | None = None,
+    probs: str = "auto",
+    grad_mode: str = "sites",
+    rule: Rule | None = None,
+) -> Forward:
+    """The one forward (call inside :func:`guard`): record ``sites``, resolve targets.
+
+    ``grad_mode``: ``"sites"`` -- autograd from the first site on (CAMs); ``"input"`` -- from the input
+    (pixel attributions); ``"none"`` -- no autograd (perturbation methods, activation CAMs).
+    """
+    sites = list(sites)
+    with ExitStack() as stack:
+        state = stack.enter_context(backward_rules(rule)) if rule else None
+        if grad_mode == "input":
+            x = x.clone().requires_grad_(True)
+            stack.enter_context(torch.enable_grad())
+            model_in = x.clone()  # the model may modify its input in place
+        else:
+            stack.enter_context(torch.no_grad())
+            model_in = x
+        cap = stack.enter_context(Capture({s.name: s.module for s in sites}, grad=grad_mode != "none"))
+        out = select_output(model(model_in), output)
+    missing = [s.name for s in sites if s.name not in cap.activations]
+    if missing:
+        raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")
+    for s in sites:  # a layer that cannot give a map fails here, before any backward
+        s.to_map(cap.activations[s.name].detach())
+    targets = resolve_targets(target, out, labels, probs)
+    return Forward(x, out, dict(cap.activations), sites, targets, state)
+
+
+def input_gradients(
+    model: nn.Module, inputs: torch.Tensor, target: Target, index: torch.Tensor | None, output: OutputSpec = None,
+    rule: Rule | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (n, K, C, H, W) of the target scores w.r.t. ``inputs`` (n, C, H, W) in one forward, and the
+    scores (n, K); row r belongs to image ``index[r]``."""
+    xg = inputs.detach().clone().requires_grad_(True)
+    with torch.enable_grad(), backward_rules(rule) if rule else nullcontext():
+        scores = target.scores(select_output(model(xg.clone()), output), index)
+    k = scores.shape[1]
+    grads = [grad(scores[:, j].sum(), [xg], retain=j < k - 1, what="the input")[0] for j in range(k)]
+    return torch.stack(grads, 1), scores.detach()
+
+
+@torch.no_grad()
+def score_inputs(
+    model: nn.Module,
+    make: Callable[[int, int], tuple[torch.Tensor, torch.Tensor | None]],
+    n: int,
+    target: Target,
+    *,
+    output: OutputSpec = None,
+    batch_size: int = 32,
+) -> torch.Tensor:
+    """Score ``n`` perturbed inputs in batches of ``batch_size``: ``make(start, stop)`` returns the inputs of
+    rows ``start:stop`` and the image each row belongs to. Returns (n, K) confidences (probabilities where
+    the target has them, else scores). Memory is bounded by ``batch_size``, never by ``n``."""
+    rows = []
+    for start in range(0, n, batch_size):
+        inputs, index = make(start, min(n, start + batch_size))
+        rows.append(target.confidence(select_output(model(inputs), output), index))
+    return torch.cat(rows)
+
+
+class MethodLike(Protocol):
+    """What the engine needs from a method object (see ``lumos.methods.base.Method``)."""
+
+    name: str
+    kind: Kind
+    grad_mode: str
+    rule: Rule | None
+    model: nn.Module
+    output: OutputSpec
+    labels: Sequence[str] | None
+    probs: str
+    eval_mode: bool
+
+    def sites(self, x: torch.Tensor) -> list[Site]: ...
+    def compute(self, fw: Forward) -> Any: ...
+    def finish(self, raws: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor: ...
+    def params(self) -> dict[str, Any]: ...
+    def layer_names(self, fw: Forward) -> list[str]: ...
+
+
+def run(method: MethodLike, x: object, target: TargetSpec = None) -> Explanation:
+    """A method's call: check the input, guarded forward, method math, the Explanation."""
+    x = check_input(x)
+    with guard(method.model, method.eval_mode):
+        sites = method.sites(x)
+        fw = forward(method.model, x, sites, target, output=method.output, labels=method.labels,
+                     probs=method.probs, grad_mode=method.grad_mode, rule=method.rule)
+        result = method.compute(fw)
+    raws, extra = result if isinstance(result, tuple) else (result, {})
+    return build(method, x, raws, fw, extra)
+
+
+def build(method: MethodLike, x: torch.Tensor, raws: list[torch.Tensor], fw: Forward,
+          extra: dict[str, Any] | None = None) -> Explanation:
+    """The one Explanation builder: finished maps, raw maps, targets/scores/probs flattened image-major."""
+    raws = [r.detach() for r in raws]
+    t = fw.targets
+    b, k = t.scores.shape
+    names = method.layer_names(fw)
+    flat = (lambda v: None if v is None else v.detach().reshape(-1))  # noqa: E731
+    return Explanation(
+        maps=method.finish(raws, tuple(x.shape[-2:])),
+        raw=raws[0] if len(raws) == 1 else tuple(raws),
+        targets=flat(t.classes),
+        scores=flat(t.scores),
+        probs=flat(t.probs),
+        layer=None if not names else names[0] if len(names) == 1 else tuple(names),
+        method=method.name,
+        params={**method.params(), **(extra or {})},
+        image_index=torch.arange(b, device=x.device).repeat_interleave(k),
+        layer_auto=bool(fw.sites) and any(s.auto for s in fw.sites),
+        kind=method.kind,
+        output=fw.output.detach(),
+    )

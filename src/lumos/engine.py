@@ -188,14 +188,23 @@ def score_inputs(
     *,
     output: OutputSpec = None,
     batch_size: int = 32,
+    use_probs: bool = True,
 ) -> torch.Tensor:
     """Score ``n`` perturbed inputs in batches of ``batch_size``: ``make(start, stop)`` returns the inputs of
     rows ``start:stop`` and the image each row belongs to. Returns (n, K) confidences (probabilities where
-    the target has them, else scores). Memory is bounded by ``batch_size``, never by ``n``."""
+    the target has them and ``use_probs``, else scores). Memory is bounded by ``batch_size``, never by ``n``."""
     rows = []
+    fast = True  # channels-last batches run ~1.6x faster through CPU convolutions; not every model takes them
     for start in range(0, n, batch_size):
         inputs, index = make(start, min(n, start + batch_size))
-        rows.append(target.confidence(select_output(model(inputs), output), index))
+        out = None
+        if fast and inputs.ndim == 4:
+            try:
+                out = model(inputs.contiguous(memory_format=torch.channels_last))
+            except RuntimeError:  # e.g. a .view() on the input: use the standard layout from here on
+                fast = False
+        out = select_output(model(inputs.contiguous()) if out is None else out, output)
+        rows.append(target.confidence(out, index) if use_probs else target.scores(out, index).float())
     return torch.cat(rows)
 
 

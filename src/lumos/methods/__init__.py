@@ -1,7 +1,7 @@
 """Explanation methods. Each registers itself by name in ``REGISTRY``."""
 
 from lumos.methods.activation_cams import CAM, EigenCAM
-from lumos.methods.base import REGISTRY, LayerMethod, Method, method_class, methods
+from lumos.methods.base import REGISTRY, LayerMethod, Method, RegionMethod, method_class, methods
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
 from lumos.methods.pixel import (
@@ -12,6 +12,8 @@ from lumos.methods.pixel import (
     GuidedGradCAM,
     PixelMethod,
 )
+from lumos.methods.occlusion import Occlusion
+from lumos.methods.rise import RISE
 from lumos.methods.scorecam import ScoreCAM
 from lumos.methods.smoothgrad import SmoothGrad
 
@@ -34,6 +36,9 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "LayerMethod",
+    "Occlusion",
+    "RISE",
+    "RegionMethod",
     "ScoreCAM",
     "SmoothGrad",
     "XGradCAM",

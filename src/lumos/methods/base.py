@@ -203,3 +203,30 @@ class ActivationMethod(LayerMethod):
 def upsample_check(mode: str) -> str:
     upsample(torch.zeros(1, 1, 1), (1, 1), mode)
     return mode
+
+
+class RegionMethod(Method):
+    """Perturbation maps at input resolution (occlusion, RISE): kind ``"region"``, drawn like CAMs.
+
+    Extra args: ``relu`` (keep only evidence *for* the target, default True) and ``normalize``
+    (``"minmax"`` or ``None``). ``raw`` is the signed (N, H, W) map before both.
+    """
+
+    kind: ClassVar[Kind] = "region"
+    grad_mode: ClassVar[str] = "none"
+    uses_layer: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module, layer: LayerSpec = "auto", *, relu: bool = True,
+                 normalize: Normalize = "minmax", **kwargs: Any) -> None:
+        super().__init__(model, layer, **kwargs)
+        if not isinstance(relu, bool):
+            raise LumosError(f"relu must be true or false, got {relu!r}.")
+        normalize_maps(torch.zeros(1, 1), normalize)
+        self.relu = relu
+        self.normalize = normalize
+
+    def params(self) -> dict[str, Any]:
+        return {"relu": self.relu, "normalize": self.normalize}
+
+    def finish(self, raws: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return finish_maps(raws, size, self.relu, self.normalize, "bilinear")

@@ -29,8 +29,8 @@ from lumos.capture import Capture, model_guard
 from lumos.errors import LumosError
 from lumos.explanation import Explanation, Kind
 from lumos.layers import Site
-from lumos.rules import Rule, RuleState, backward_rules
-from lumos.targets import OutputSpec, Target, Targets, TargetSpec, resolve_targets, select_output
+from lumos.rules import Rule, RuleState, backward_rules, squash_watch
+from lumos.targets import OutputSpec, Target, Targets, TargetSpec, probability_kind, resolve_targets, select_output
 
 
 class GradientError(LumosError):
@@ -97,6 +97,7 @@ class Forward:
     sites: list[Site]
     targets: Targets
     rule_state: RuleState | None = None
+    probs_kind: str = "none"
 
     @property
     def target(self) -> Target:
@@ -155,14 +156,16 @@ def forward(
             stack.enter_context(torch.no_grad())
             model_in = x
         cap = stack.enter_context(Capture({s.name: s.module for s in sites}, grad=grad_mode != "none"))
+        watch = stack.enter_context(squash_watch())
         out = select_output(model(model_in), output)
+    squashed = watch.produced(out)
     missing = [s.name for s in sites if s.name not in cap.activations]
     if missing:
         raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")
     for s in sites:  # a layer that cannot give a map fails here, before any backward
         s.to_map(cap.activations[s.name].detach())
-    targets = resolve_targets(target, out, labels, probs)
-    return Forward(x, out, dict(cap.activations), sites, targets, state)
+    targets = resolve_targets(target, out, labels, probs, squashed)
+    return Forward(x, out, dict(cap.activations), sites, targets, state, probability_kind(out, probs, squashed))
 
 
 def input_gradients(
@@ -261,4 +264,5 @@ def build(method: MethodLike, x: torch.Tensor, raws: list[torch.Tensor], fw: For
         layer_auto=bool(fw.sites) and any(s.auto for s in fw.sites),
         kind=method.kind,
         output=fw.output.detach(),
+        probs_kind=fw.probs_kind,
     )

@@ -26,7 +26,7 @@ from lumos.errors import LumosError, positive_int
 from lumos.explanation import Explanation
 from lumos.layers import resolve_layers
 from lumos.methods import Method, method_class
-from lumos.targets import TOPK, TargetError, check_probs, probabilities
+from lumos.targets import TOPK, TargetError, check_probs, to_probabilities
 
 _RESERVED = {"self", "model", "layer", "labels"}
 _OBJECTS = {"preprocess"}  # accepted, but objects the Explainer supplies
@@ -283,7 +283,7 @@ class Explainer:
         out = ex.output
         if out is None or out.ndim != 2:
             return [Prediction([]) for _ in range(int(ex.image_index.max()) + 1 if ex.image_index is not None else 1)]
-        probs = probabilities(out, self.spec.probs)
+        probs = to_probabilities(out, ex.probs_kind)
         values = out.float() if probs is None else probs
         top = values.topk(min(self.spec.top_k, values.shape[1]), dim=1)
         name = (lambda i: self.labels[i]) if self.labels is not None else (lambda i: f"class {i}")  # noqa: E731

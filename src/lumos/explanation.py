@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lumos.errors import LumosError
 
 Normalize = Literal["minmax"] | None
-Kind = Literal["layer", "pixel"]
+Kind = Literal["layer", "pixel", "region"]
 Reduce = Literal["absmax", "sum", "l2"]
 PixelNormalize = Literal["percentile", "minmax"] | None
 UPSAMPLE_MODES = ("bilinear", "bicubic", "nearest", "area")
@@ -33,7 +33,8 @@ class Explanation:
     such tensors when several layers are fused) or ``"pixel"`` attributions (``raw`` is the signed
     (N, C, H, W) attribution in input space). ``targets`` holds class indices (None for callable
     targets), ``scores`` the explained output value, ``probs`` its probability. ``output`` is the
-    selected model output of the clean forward (B, ...), detached, so predictions need no other forward.
+    selected model output of the clean forward (B, ...), detached, so predictions need no other forward;
+    ``probs_kind`` how its probabilities are formed (``lumos.targets.to_probabilities``).
     """
 
     maps: torch.Tensor
@@ -48,6 +49,7 @@ class Explanation:
     layer_auto: bool = False
     kind: Kind = "layer"
     output: torch.Tensor | None = None
+    probs_kind: str = "none"
 
     def __len__(self) -> int:
         return self.maps.shape[0]

@@ -157,3 +157,37 @@ def backward_rules(rule: Rule = "guided") -> Iterator[RuleState]:
     state = RuleState(rule)
     with _RulesMode(state):
         yield state
+
+
+class _SquashWatch(TorchFunctionMode):
+    """Records the tensors returned by sigmoid/softmax calls (to tell probabilities from logits)."""
+
+    NAMES = ("sigmoid", "softmax")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[Any] = []
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if isinstance(out, torch.Tensor) and name.strip("_").split(".")[-1] in self.NAMES:
+            self.outputs.append(out)
+        return out
+
+    def produced(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is (a view of) what the last sigmoid/softmax call returned."""
+        if not self.outputs:
+            return False
+        last = self.outputs[-1]
+        return t is last or (t.untyped_storage().data_ptr() == last.untyped_storage().data_ptr()
+                             and t.shape == last.shape)
+
+
+@contextmanager
+def squash_watch() -> Iterator[_SquashWatch]:
+    """Watch a forward for a final sigmoid/softmax: ``watch.produced(output)`` says whether the model's
+    output already is a probability (functional calls and nn.Sigmoid/nn.Softmax modules alike)."""
+    watch = _SquashWatch()
+    with watch:
+        yield watch

@@ -63,25 +63,27 @@ def check_probs(probs: str) -> str:
     return probs
 
 
-def probability_kind(output: torch.Tensor, probs: str = "auto") -> str:
+def probability_kind(output: torch.Tensor, probs: str = "auto", squashed: bool | None = None) -> str:
     """How probabilities come from a (B, C) output: ``softmax``, ``sigmoid``, ``identity`` or ``none``.
 
-    ``auto``: a single output is a binary logit (sigmoid); outputs already in [0, 1] are taken as the
-    model's own probabilities (a sigmoid or softmax inside the model: a multi-label head must not be
-    softmaxed again); anything else is softmaxed. Decided once, on the clean forward, and kept for every
-    perturbed copy of the same images.
+    ``auto``: an output the model itself passed through a final sigmoid or softmax (``squashed``, seen by
+    ``lumos.rules.squash_watch`` during the forward) already is a probability (``identity``: a multi-label
+    head must not be softmaxed again); otherwise a single output is a binary logit (``sigmoid``) and
+    anything else is softmaxed. When ``squashed`` is unknown (None), rows in [0, 1] that sum to 1 count as
+    probabilities. Decided once, on the clean forward, and kept for every perturbed copy of the same images.
     """
     check_probs(probs)
     if probs != "auto":
         return probs
     if output.ndim != 2:
         return "none"
-    if output.shape[1] == 1:
-        return "sigmoid"
-    values = output.detach()
-    if bool(torch.isfinite(values).all()) and float(values.min()) >= 0.0 and float(values.max()) <= 1.0:
+    if squashed is None and output.shape[1] > 1:
+        values = output.detach().float()
+        squashed = (bool(torch.isfinite(values).all()) and float(values.min()) >= 0.0 and float(values.max()) <= 1.0
+                    and bool(((values.sum(1) - 1).abs() <= 1e-3).all()))
+    if squashed:
         return "identity"
-    return "softmax"
+    return "sigmoid" if output.shape[1] == 1 else "softmax"
 
 
 def to_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor | None:
@@ -98,11 +100,11 @@ def to_probabilities(output: torch.Tensor, kind: str) -> torch.Tensor | None:
     raise TargetError(f"Unknown probability kind {kind!r}.")
 
 
-def probabilities(output: torch.Tensor, probs: str = "auto") -> torch.Tensor | None:
+def probabilities(output: torch.Tensor, probs: str = "auto", squashed: bool | None = None) -> torch.Tensor | None:
     """Class probabilities (B, C) of a (B, C) output (None when ``probs="none"``)."""
     if output.ndim != 2:
         raise TargetError(f"Class probabilities need a (batch, classes) output; this one is {tuple(output.shape)}.")
-    return to_probabilities(output, probability_kind(output, probs))
+    return to_probabilities(output, probability_kind(output, probs, squashed))
 
 
 # -- the target protocol --------------------------------------------------------------------------------
@@ -218,7 +220,8 @@ def _classes(target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | N
 
 
 def resolve_targets(
-    target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None = None, probs: str = "auto"
+    target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None = None, probs: str = "auto",
+    squashed: bool | None = None,
 ) -> Targets:
     """Turn a target spec into per-image scores (B, K) on the graph of ``output``, and its :class:`Target`."""
     if callable(target) and not isinstance(target, torch.Tensor):
@@ -230,7 +233,7 @@ def resolve_targets(
             "Use a callable target (see lumos.targets)."
         )
     classes = _check_classes(_classes(target, output.detach(), labels), output.shape[1])
-    resolved = Target(classes, None, probability_kind(output, probs))
+    resolved = Target(classes, None, probability_kind(output, probs, squashed))
     return Targets(resolved.scores(output), classes, resolved.probs(output), resolved)
 
 

@@ -11,7 +11,9 @@ from torch import nn
 
 from lumos.capture import model_guard
 from lumos.errors import LumosError
-from lumos.targets import OutputSpec, select_output
+from lumos.rules import squash_watch
+from lumos.targets import OutputSpec, Target, probability_kind, select_output
+from lumos.targets import probabilities as target_probabilities
 
 TargetLike = int | list[int] | torch.Tensor | None
 
@@ -95,11 +97,25 @@ def check_positive(name: str, value: int) -> int:
 
 
 def probabilities(out: torch.Tensor) -> torch.Tensor:
-    """Softmax over classes (sigmoid for a single-logit binary head) of a B x K output."""
+    """Class probabilities of a B x K output, by the library's one decision (``lumos.targets.probabilities``)."""
     if out.ndim != 2:
         raise LumosError(f"The model output must be B x classes to score a class; got {tuple(out.shape)}.")
-    out = out.float()
-    return out.sigmoid() if out.shape[1] == 1 else out.softmax(1)
+    return target_probabilities(out.float())  # type: ignore[return-value]
+
+
+def class_target(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, output: OutputSpec = None) -> Target:
+    """The target protocol for one class per image, its probability kind decided on the clean images."""
+    with squash_watch() as watch:
+        out = select_output(model(x), output)
+    if out.ndim != 2:
+        raise LumosError(f"The model output must be B x classes to score a class; got {tuple(out.shape)}.")
+    return Target(classes[:, None].to(out.device), None, probability_kind(out, squashed=watch.produced(out)))
+
+
+def target_probs(model: nn.Module, x: torch.Tensor, target: Target, index: torch.Tensor,
+                 output: OutputSpec = None) -> torch.Tensor:
+    """Probability (n,) of each row's target class (call inside :func:`scoring`)."""
+    return target.confidence(select_output(model(x), output), index)[:, 0]
 
 
 @contextmanager

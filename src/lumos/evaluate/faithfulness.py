@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumos.engine import score_inputs
 from lumos.errors import LumosError
 from lumos.evaluate._common import (
     TargetLike,
@@ -21,10 +22,11 @@ from lumos.evaluate._common import (
     check_maps,
     check_model,
     check_positive,
-    class_probs,
+    class_target,
     minmax,
     resolve_classes,
     scoring,
+    target_probs,
 )
 from lumos.targets import OutputSpec
 
@@ -120,18 +122,21 @@ class _PixelCurve:
             raise LumosError(f"steps={self.steps} exceeds the {n_pix} pixels of the image.")
         with scoring(model, self.eval_mode):
             classes = resolve_classes(model, x, targets, self.output)
+            target = class_target(model, x, classes, self.output)
             start, end = self.endpoints(x)
             start, end = start.flatten(2), end.flatten(2)
             ranks = pixel_ranks(m)
             counts = step_counts(n_pix, self.steps).to(x.device)
             n_points = self.steps + 1
-            curves = torch.empty(b * n_points, device=x.device)
-            for lo in range(0, b * n_points, self.batch_size):
-                job = torch.arange(lo, min(lo + self.batch_size, b * n_points), device=x.device)
+
+            def perturbed(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+                job = torch.arange(lo, hi, device=x.device)
                 img, step = job // n_points, job % n_points
                 changed = ranks[img] < counts[step, None]  # (n, H*W): one mask for the whole chunk
-                batch = torch.where(changed[:, None], end[img], start[img]).view(-1, c, h, w)
-                curves[job] = class_probs(model, batch, classes[img], self.output)
+                return torch.where(changed[:, None], end[img], start[img]).view(-1, c, h, w), img
+
+            curves = score_inputs(model, perturbed, b * n_points, target, output=self.output,
+                                  batch_size=self.batch_size)[:, 0]
         curves = curves.view(b, n_points)
         fractions = counts.float() / n_pix
         return CurveResult(curves, fractions, torch.trapezoid(curves, fractions, dim=1), classes)
@@ -251,11 +256,13 @@ class AverageDropIncrease:
         m = check_maps(m, x)
         with scoring(model, self.eval_mode):
             classes = resolve_classes(model, x, targets, self.output)
+            target = class_target(model, x, classes, self.output)
             y, o = [], []
             for lo in range(0, x.shape[0], self.batch_size):
                 sl = slice(lo, lo + self.batch_size)
-                y.append(class_probs(model, x[sl], classes[sl], self.output))
-                o.append(class_probs(model, x[sl] * m[sl, None], classes[sl], self.output))
+                index = torch.arange(x.shape[0], device=x.device)[sl]
+                y.append(target_probs(model, x[sl], target, index, self.output))
+                o.append(target_probs(model, x[sl] * m[sl, None], target, index, self.output))
         y_, o_ = torch.cat(y), torch.cat(o)
         drop = (y_ - o_).clamp_min(0) / y_.clamp_min(torch.finfo(y_.dtype).tiny)
         return DropResult(drop, o_ > y_, y_, o_, classes)

@@ -73,10 +73,10 @@ class RISE(RegionMethod):
         grids = (torch.rand(n, s, s, generator=gen) < self.p).to(x.device)
         shifts = torch.stack([torch.randint(0, math.ceil(h / s), (n,), generator=gen),
                               torch.randint(0, math.ceil(w / s), (n,), generator=gen)], 1).to(x.device)
-        per_batch = max(1, self.batch_size // b)  # masks per forward; each is applied to every image
-        total = torch.zeros(b, fw.k, h * w, dtype=torch.float32, device=x.device)
-        for start in range(0, n, per_batch):
-            stop = min(n, start + per_batch)
+        per_chunk = self.batch_size  # masks per chunk, whatever the batch: a map does not depend on its batch
+        total = torch.zeros(b, fw.k, h * w, dtype=torch.float64, device=x.device)
+        for start in range(0, n, per_chunk):
+            stop = min(n, start + per_chunk)
             masks = rise_masks(grids[start:stop], shifts[start:stop], (h, w)).to(x.dtype)  # (m, H, W)
             m = stop - start
 
@@ -87,6 +87,6 @@ class RISE(RegionMethod):
                 return x[image] * mk + self.baseline * (1 - mk), image
 
             scores = score_inputs(self.model, masked, b * m, fw.target, output=self.output,
-                                  batch_size=b * m).view(b, m, -1)  # (B, m, K)
-            total += torch.einsum("bmk,mp->bkp", scores.float(), masks.flatten(1).float())
-        return [(total / (n * self.p)).view(b * fw.k, h, w)]
+                                  batch_size=m).view(b, m, -1)  # (B, m, K)
+            total += torch.einsum("bmk,mp->bkp", scores.double(), masks.flatten(1).double())
+        return [(total / (n * self.p)).view(b * fw.k, h, w).float()]

@@ -1,4 +1,8 @@
-"""``lumos app``: start the Streamlit web app (registered on the main Typer app by ``register``)."""
+"""``lumos app``: start the Streamlit web app (registered on the main Typer app by ``register``).
+
+The model is loaded once here first, so a bad ``--model`` (or weights, labels, ...) is a one-line error in the
+terminal instead of a server whose page shows it; Streamlit's own upload limit is set to the app's.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +21,17 @@ from lumos.errors import LumosError
 def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Path | None = None,
                 size: int | None = None, mean: str | None = None, std: str | None = None,
                 labels: Path | None = None, browser: bool = False) -> list[str]:
-    """The ``streamlit run`` command line that serves the app (headless unless ``browser``)."""
+    """The ``streamlit run`` command line that serves the app (headless unless ``browser``).
+
+    ``server.maxUploadSize`` is the app's own limit (``lumos.app.logic.MAX_UPLOAD_MB``), so the server refuses
+    a bigger upload before reading it and the page states one limit.
+    """
     from lumos.app import SCRIPT
+    from lumos.app.logic import MAX_UPLOAD_MB
 
     cmd = [sys.executable, "-m", "streamlit", "run", str(SCRIPT), "--server.port", str(port),
            "--server.address", "localhost", "--server.headless", "false" if browser else "true",
+           "--server.maxUploadSize", str(MAX_UPLOAD_MB),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--model", model]
     for flag, value in (("--weights", weights), ("--size", size), ("--mean", mean), ("--std", std),
                         ("--labels", labels)):
@@ -54,6 +64,11 @@ def register(app: typer.Typer) -> None:
         if not 0 < port < 65536:
             raise LumosError(f"--port must be between 1 and 65535, got {port}.")
         cmd = app_command(model, port, weights, size, mean, std, labels, browser)
+        from lumos.app import logic
+
+        # Load the model as the page will (same arguments, TorchScript refused before it is read), so a
+        # mistake is a one-line error here; the memory goes with this process when it becomes the server.
+        logic.load_bundle(logic.parse_app_args(cmd[cmd.index("--") + 1:]))
         if os.name == "posix":  # become the server: signals (Ctrl-C, SIGTERM) reach Streamlit directly
             sys.stdout.flush()
             sys.stderr.flush()

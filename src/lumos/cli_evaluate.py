@@ -57,6 +57,7 @@ def evaluate(
     if tolerance is not None and tolerance < 0:
         raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
     picture = None
+    bad_inputs: list[str] = []
     if benchmark is not None:
         if benchmark.lower() not in BENCHMARKS:
             raise LumosError(f"Unknown benchmark '{benchmark}'; use: {', '.join(BENCHMARKS)}.")
@@ -77,8 +78,12 @@ def evaluate(
     else:
         if not images:
             raise LumosError("Give image files or directories to evaluate, or --benchmark synthetic.")
-        from lumos.io import find_images, load_image
+        import torch
 
+        from lumos.io import find_images, load_image
+        from lumos.zoo import refuse_torchscript
+
+        refuse_torchscript(model)  # no hooks on a ScriptModule: refuse the file before any code in it runs
         bundle = _load(model, weights, size, mean, std, None)
         check_settings(method_kwargs, bundle.model, preprocess=bundle.preprocess)
         if layer != "auto":
@@ -86,18 +91,31 @@ def evaluate(
 
             resolve_layers(bundle.model, layer)
         files, problems = find_images(images)
-        if problems:
-            raise LumosError(f"{problems[0][0]}: {problems[0][1]}")
-        x = bundle.preprocess([load_image(f) for f in files])
+        bad_inputs = [f"{p}: {why}" for p, why in problems]
+        loaded, tensors = [], []
+        for f in files:  # as in explain: a bad image is one error line, the others are still evaluated
+            try:
+                tensors.append(bundle.preprocess([load_image(f)]))
+            except LumosError as err:
+                bad_inputs.append(str(err))
+            else:
+                loaded.append(f)
+        if not loaded:  # nothing to evaluate: the reasons are the whole answer
+            for reason in bad_inputs:
+                err_console.print(f"error: {reason}", highlight=False, markup=False)
+            raise typer.Exit(2)
+        x = torch.cat(tensors)
         _make_dir(out)
         report = evaluate_methods(
             bundle.model, x, names, layer=layer, steps=steps or 100, batch_size=batch_size,
             tolerance=15.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
         )
-        report.meta.update({"model": model, "images": [str(f) for f in files]})
+        report.meta.update({"model": model, "images": [str(f) for f in loaded]})
         picture = bundle.preprocess.denormalize(x[:1])[0].permute(1, 2, 0).numpy()
     for name, why in report.failures.items():
         err_console.print(f"warning: {name} skipped: {why}", highlight=False, markup=False)
+    for reason in bad_inputs:
+        err_console.print(f"error: {reason}", highlight=False, markup=False)
     if not report.rows:
         raise LumosError("No method could be evaluated.")
     out_console.print(format_table(report) + "\n(* = best per column)", highlight=False, markup=False)
@@ -105,7 +123,10 @@ def evaluate(
                plot_curves(report, out / "curves.png")]
     if sanity and report.sanity:
         written.append(plot_sanity(report, out / "sanity.png", picture))
-    out_console.print("Wrote " + ", ".join(str(p) for p in written), highlight=False)
+    out_console.print("Wrote " + ", ".join(str(p) for p in written)
+                      + (f"; {len(bad_inputs)} input(s) failed" if bad_inputs else ""), highlight=False)
+    if bad_inputs:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -61,8 +61,8 @@ class RunReport:
         if name not in self.stems:
             base = _safe(Path(name).stem)
             stem, n = base, 1
-            taken = set(self.stems.values())
-            while stem in taken:
+            taken = {s.casefold() for s in self.stems.values()}  # Cat.png and cat.png clash on macOS/Windows
+            while stem.casefold() in taken:
                 n += 1
                 stem = f"{base}_{n}"
             self.stems[name] = stem
@@ -80,19 +80,33 @@ def parse_target(text: str | None) -> TargetSpec:
 
 
 def parse_list(text: str, allowed: Sequence[str] | None = None, what: str = "value") -> list[str]:
-    """Split ``"a,b c"`` into items; with ``allowed``, unknown items are a one-line error."""
+    """Split ``"a,b c"`` into items; with ``allowed``, items are matched case-insensitively (``PNG`` is ``png``)
+    and unknown items are a one-line error."""
     items = [t for t in re.split(r"[,\s]+", text.strip()) if t]
     if not items:
         raise LumosError(f"No {what} given.")
     if allowed is not None:
+        canonical = {a.lower(): a for a in allowed}
         for item in items:
-            if item not in allowed:
+            if item.lower() not in canonical:
                 raise LumosError(f"Unknown {what} '{item}'; use one or more of: {', '.join(allowed)}.")
+        items = [canonical[item.lower()] for item in items]
     return items
 
 
+# Not allowed in file names somewhere: path separators, control characters, Windows' reserved <>:"|?*, and
+# lone surrogates (undecodable bytes in a POSIX name, which could not be printed).
+_UNSAFE = re.compile(r'[\x00-\x1f\x7f/\\<>:"|?*\ud800-\udfff]+')
+_MAX_STEM_BYTES = 150  # leaves room for "_2_integrated_gradients_top10.png" within the usual 255-byte limit
+
+
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_") or "x"
+    """``text`` usable in a file name: letters of any script kept, unsafe characters replaced by ``_``,
+    at most 150 UTF-8 bytes; ``x`` if nothing is left."""
+    safe = _UNSAFE.sub("_", text).strip("_ .")
+    while len(safe.encode("utf-8")) > _MAX_STEM_BYTES:
+        safe = safe[:-1]
+    return safe.rstrip("_ .") or "x"
 
 
 def predict(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[str] | None, k: int = 3) -> list[Prediction]:
@@ -167,9 +181,15 @@ def explain_images(
     return report
 
 
-def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:
-    """(k, h, w) maps at model resolution -> float32 (k, H, W) at the original image size, like the overlays."""
-    width, height = image.size
+def _at_image_size(maps: torch.Tensor, image: Image.Image, max_side: int | None = None) -> np.ndarray:
+    """(k, h, w) maps at model resolution -> float32 (k, H, W) at the image size, like the overlays.
+
+    The size is capped like the overlays' (long side at most ``max_side``; None: ``$LUMOS_MAX_SIDE`` or 4096,
+    0: no cap), so a huge photo does not give a huge ``.npy``.
+    """
+    from lumos.io import default_max_side, fit_size
+
+    width, height = fit_size(image.size, default_max_side() if max_side is None else max_side)
     maps = maps.detach().float().cpu()
     if tuple(maps.shape[-2:]) != (height, width):
         maps = torch.nn.functional.interpolate(maps[:, None], size=(height, width), mode="bilinear",
@@ -177,14 +197,21 @@ def _at_image_size(maps: torch.Tensor, image: Image.Image) -> np.ndarray:
     return maps.numpy()
 
 
-def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet", alpha: float = 0.5) -> Image.Image:
-    """Map ``j`` drawn for reading at the original image size.
+def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet", alpha: float = 0.5,
+               max_side: int | None = None) -> Image.Image:
+    """Map ``j`` drawn for reading at the image size, its long side capped at ``max_side`` pixels.
 
     Layer maps (CAMs) become a heat overlay on the photo; pixel-space attributions (``raw`` is
     B x C x H x W) become grayscale saliency, as in the papers, since their detail hides under a photo.
+    ``max_side=None`` uses ``$LUMOS_MAX_SIDE`` or 4096 (see :func:`lumos.io.default_max_side`); 0: no cap.
     """
+    from lumos.io import default_max_side, fit_size
+
+    size = fit_size(image.size, default_max_side() if max_side is None else max_side)
     if isinstance(ex.raw, torch.Tensor) and ex.raw.ndim == 4:
-        return grayscale_map_image(ex.maps[j], size=image.size).convert("RGB")
+        return grayscale_map_image(ex.maps[j], size=size).convert("RGB")
+    if size != image.size:
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return overlay(image, ex.maps[j], colormap, alpha)
 
 

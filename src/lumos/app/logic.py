@@ -97,11 +97,14 @@ def parse_app_args(argv: Sequence[str]) -> AppConfig:
 
 
 def load_bundle(config: AppConfig):
-    """Load the model; raises ``LumosError`` (incl. ``ModelLoadError``) with a one-line reason."""
+    """Load the model; raises ``LumosError`` (incl. ``ModelLoadError``) with a one-line reason.
+
+    A TorchScript file is refused before it is read (no hooks on a ScriptModule, and loading runs its code).
+    """
     from lumos.zoo import load_model
 
     bundle = load_model(config.model, weights=config.weights, size=config.size, mean=config.mean,
-                        std=config.std, labels=config.labels)
+                        std=config.std, labels=config.labels, torchscript=False)
     if isinstance(bundle.model, torch.jit.ScriptModule):
         raise LumosError(
             f"{config.model} is a TorchScript model: torch allows no hooks on a loaded ScriptModule, so its layers "
@@ -171,13 +174,10 @@ def decode_image(data: bytes, name: str = "upload") -> Image.Image:
     with tempfile.TemporaryDirectory(prefix="lumos-app-") as tmp:
         path = Path(tmp) / _safe_name(name)
         path.write_bytes(data)
-        try:
-            img = load_image(path)
+        try:  # shrunk while decoding (JPEG: by the decoder itself), so a big photo never exists at full size
+            return load_image(path, max_side=DISPLAY_MAX_SIDE)
         except ImageError as err:
             raise ImageError(str(err).replace(str(path), name)) from None
-    if max(img.size) > DISPLAY_MAX_SIDE:
-        img.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
-    return img
 
 
 def example_image(name: str) -> bytes:

@@ -7,6 +7,7 @@ per process (``st.cache_resource``), forwards and maps per (image bytes hash, mo
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -119,9 +120,13 @@ with st.sidebar:
 # ---- input
 if "uploader_key" not in st.session_state:
     st.session_state.uploader_key = 0
+# The uploader states the size limit itself ("Limit 20MB per file"): give it the app's limit (`lumos app` also
+# sets server.maxUploadSize to it), so the page states one limit. Older Streamlit has no max_upload_size.
+_limit = ({"max_upload_size": logic.MAX_UPLOAD_MB}
+          if "max_upload_size" in inspect.signature(st.file_uploader).parameters else {})
 uploads = st.file_uploader(
-    f"Upload images (jpg, png, webp, bmp, tiff, gif; up to {logic.MAX_UPLOAD_MB} MB each)",
-    type=logic.UPLOAD_TYPES, accept_multiple_files=True, key=f"uploader_{st.session_state.uploader_key}",
+    f"Upload images (at most {logic.MAX_PIXELS // 1_000_000} megapixels each)",
+    type=logic.UPLOAD_TYPES, accept_multiple_files=True, key=f"uploader_{st.session_state.uploader_key}", **_limit,
 )
 st.caption("... or try an example photo:")
 cols = st.columns(len(logic.EXAMPLES))

@@ -119,7 +119,8 @@ def evaluate_methods(
     Faithfulness (deletion / insertion AUC with ``steps``, average drop / increase) always; pointing game
     (with ``tolerance`` pixels), energy pointing game and relevance mass when ``masks`` (B, H, W) or boxes
     (B, 4) are given; with ``sanity`` the cascading randomisation on the first ``sanity_images`` images
-    (maps recorded at ``sanity_steps`` points). A method that fails is reported in ``failures``.
+    (maps recorded at ``sanity_steps`` points). A method that fails is reported in ``failures`` (and logged at
+    INFO level, with the traceback at DEBUG), the others still run.
     ``method_kwargs`` maps a method name to extra constructor arguments (e.g. IG ``steps``).
     """
     model = check_model(model)
@@ -159,13 +160,13 @@ def evaluate_methods(
                 per_s = {"sanity_spearman": cascade.spearman[-1], "sanity_ssim": cascade.ssim[-1]}
             else:
                 per_s = {}
-        except LumosError as err:
-            report.failures[name] = str(err)
-            log.warning("method %s failed: %s", name, err)
+        except LumosError as err:  # the reason goes into report.failures; the caller decides how to show it,
+            report.failures[name] = str(err)  # so it is logged at INFO only (not a second warning)
+            log.info("method %s failed: %s", name, err)
             continue
         except Exception as err:  # a method that cannot run on this model must not stop the others
             report.failures[name] = f"{type(err).__name__}: {err}"
-            log.warning("method %s failed", name, exc_info=True)
+            log.info("method %s failed: %s", name, report.failures[name], exc_info=log.isEnabledFor(logging.DEBUG))
             continue
         per.update(per_s)
         report.rows[name] = {k: _mean(v) for k, v in per.items()}

@@ -45,10 +45,32 @@ def _check_percentile(p: float) -> float:
     return float(p)
 
 
+_ROWS = 256  # rows per strip when colouring and blending: temporaries stay small for any image size
+
+
+def _lut(cmap: Colormap) -> np.ndarray:
+    """The colormap's N x 3 uint8 colour table (what ``cmap(i, bytes=True)`` returns for index ``i``)."""
+    return np.ascontiguousarray(cmap(np.arange(cmap.N), bytes=True)[:, :3])
+
+
+def _lut_colors(unit: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 colours, with matplotlib's binning (index ``floor(x * N)``, 1.0 in the last bin)."""
+    n = lut.shape[0]
+    idx = np.clip(unit, 0.0, 1.0).astype(np.float32, copy=False) * np.float32(n)
+    return lut[np.minimum(idx.astype(np.intp), n - 1)]
+
+
 def _apply_colormap(unit: np.ndarray, colormap: str | Colormap) -> np.ndarray:
-    """Map values in [0, 1] to HxWx3 uint8 colours, exactly as ``cmap(x, bytes=True)`` does."""
-    cmap = get_colormap(colormap)
-    return np.ascontiguousarray(cmap(np.clip(unit, 0.0, 1.0), bytes=True)[..., :3])
+    """Map values in [0, 1] to HxWx3 uint8 colours, exactly as ``cmap(x, bytes=True)`` does.
+
+    Works through a uint8 colour table in strips of rows, so a large map needs ~3 bytes per pixel
+    (plus the map itself), not the ~30 of matplotlib's float RGBA path.
+    """
+    lut = _lut(get_colormap(colormap))
+    out = np.empty((*unit.shape, 3), dtype=np.uint8)
+    for r in range(0, unit.shape[0], _ROWS):
+        out[r:r + _ROWS] = _lut_colors(unit[r:r + _ROWS], lut)
+    return out
 
 
 def colorize(
@@ -82,13 +104,16 @@ def overlay(
     """
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    cmap = get_colormap(colormap)
+    lut = _lut(get_colormap(colormap))
     pil = to_pil_image(image)
     unit = _resize(normalize_map(map, vmin, vmax), pil.size)
-    heat = _apply_colormap(unit, cmap).astype(np.float32)
-    base = np.asarray(pil, dtype=np.float32)
-    blended = (1.0 - alpha) * base + alpha * heat
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    base = np.asarray(pil)  # uint8 H x W x 3
+    out = np.empty_like(base)
+    keep, add = np.float32(1.0 - alpha), np.float32(alpha)
+    for r in range(0, base.shape[0], _ROWS):  # float32 only for one strip of rows at a time
+        blended = keep * base[r:r + _ROWS] + add * _lut_colors(unit[r:r + _ROWS], lut)
+        out[r:r + _ROWS] = np.clip(np.rint(blended), 0, 255)
+    return Image.fromarray(out)
 
 
 def signed_map_image(

@@ -6,6 +6,11 @@
 - a TorchScript file: ``"model.pt"`` / ``.pth`` / ``.ts`` (``torch.jit.load``);
 - an import path ``"package.module:callable"`` returning an ``nn.Module`` (for example
   ``"torchvision.models:resnet18"``), optionally with a ``weights=`` state-dict file.
+
+TorchScript files and import paths run code from the file or module (on loading and in the dry forward
+that counts the classes): load them from trusted sources only. ``weights=`` files are read with
+``torch.load(weights_only=True)``, which runs no code. :func:`is_torchscript_file` recognises a TorchScript
+archive from its zip entries alone, so front ends can refuse one before anything in it runs.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +34,10 @@ from torch import nn
 from lumos.errors import LumosError, ModelLoadError, close_matches
 from lumos.preprocess import IMAGENET_MEAN, IMAGENET_STD, TFLITE_MEAN, TFLITE_STD, Preprocess
 
-__all__ = ["Labels", "ModelBundle", "load_model", "models", "imagenet_labels", "TORCHSCRIPT_SUFFIXES"]
+__all__ = [
+    "Labels", "ModelBundle", "load_model", "models", "imagenet_labels", "TORCHSCRIPT_SUFFIXES", "is_torchscript_file",
+    "refuse_torchscript",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -215,9 +224,49 @@ def _zoo_key(spec: str) -> str:
 # --------------------------------------------------------------------------------------------- loading
 
 
+def is_torchscript_file(path: str | os.PathLike[str]) -> bool:
+    """True if ``path`` is a TorchScript archive (``torch.jit.save``, also the mobile format).
+
+    Judged from the zip's entry names alone (a ``code/`` folder, ``constants.pkl`` or ``bytecode.pkl``
+    next to ``data.pkl``): nothing in the file is unpickled or run. A ``torch.save`` state dict, a
+    missing file or a non-zip file gives False.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    for name in names:
+        parts = name.split("/")
+        inner = parts[1:] if len(parts) > 1 else parts  # entries live under one top folder, "<name>/..."
+        if inner[0] in ("constants.pkl", "bytecode.pkl") or (inner[0] == "code" and len(inner) > 1):
+            return True
+    return False
+
+
+def refuse_torchscript(spec: str | os.PathLike[str]) -> None:
+    """Raise :class:`ModelLoadError` if ``spec`` names a TorchScript file, before anything in it is read or run.
+
+    For front ends (``lumos`` commands, the web app) that record layers with hooks, which torch does not
+    allow on a loaded ScriptModule: the file would only run its code to be refused afterwards.
+    """
+    path = Path(os.fspath(spec).strip())
+    if path.is_file() and is_torchscript_file(path):
+        raise ModelLoadError(
+            f"{path} is a TorchScript model, which was not loaded: torch allows no hooks on a loaded ScriptModule, "
+            "so its layers cannot be recorded; save the state dict and use --model package.module:callable "
+            "--weights FILE."
+        )
+
+
 def _load_torchscript(path: Path) -> nn.Module:
     if not path.is_file():
         raise ModelLoadError(f"Model file not found: {path}.")
+    if not is_torchscript_file(path):  # e.g. a torch.save state dict: refuse it without unpickling anything
+        raise ModelLoadError(
+            f"{path} is not a TorchScript file (no TorchScript code in it); save models with torch.jit.save, or "
+            "load a state dict with spec 'package.module:callable' and weights=FILE."
+        )
     try:
         with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; it still works
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -349,6 +398,7 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     labels: str | os.PathLike[str] | Sequence[str] | Labels | None = None,
+    torchscript: bool = True,
 ) -> ModelBundle:
     """Load a model with its preprocessing and class names; the model is returned in eval mode.
 
@@ -359,6 +409,9 @@ def load_model(
     and ``std`` override the preprocessing (defaults for own models: 224 and ImageNet mean/std).
     ``labels`` is a text file with one name per line, a list of names, or ``None``: ImageNet names for
     models with 1000 outputs, else ``"class 0"``, ``"class 1"``, ... Raises :class:`ModelLoadError`.
+
+    A TorchScript file or an import path runs code from that file or module: trusted sources only.
+    ``torchscript=False`` refuses a TorchScript file before it is opened (see :func:`refuse_torchscript`).
     """
     text = os.fspath(spec).strip()
     key = _zoo_key(text)
@@ -376,6 +429,8 @@ def load_model(
     else:
         path = Path(text)
         if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or path.is_file():
+            if not torchscript:
+                refuse_torchscript(path)
             if weights is not None:
                 raise ModelLoadError(
                     "weights= applies to zoo names and import paths; a saved model file has its own weights."

@@ -20,7 +20,7 @@ def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int])
     h, w = size
     ch, cw = math.ceil(h / s), math.ceil(w / s)
     up = F.interpolate(grids[:, None].float(), size=((s + 1) * ch, (s + 1) * cw), mode="bilinear",
-                       align_corners=False)[:, 0]
+                       align_corners=False)[:, 0].clamp_(0, 1)  # rounding may overshoot 1 by an ulp
     rows = shifts[:, 0, None] + torch.arange(h, device=grids.device)[None]  # (n, H)
     cols = shifts[:, 1, None] + torch.arange(w, device=grids.device)[None]  # (n, W)
     return up[torch.arange(n, device=grids.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
@@ -28,7 +28,11 @@ def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int])
 
 @register
 class RISE(RegionMethod):
-    """RISE (Petsiuk et al. 2018): saliency = sum_i P(target | x * M_i) M_i / (N p).
+    """RISE (Petsiuk et al. 2018): saliency S = E[P(target | x * M) M] / p over random masks M.
+
+    Estimated with centred weights: S ~ sum_i (P_i - mean P) M_i / (N p) + mean P. Its expectation is the
+    paper's (E[M] = p at every pixel), but it drops the noise of how often each pixel happened to be covered:
+    two mask sets of 2000 on the cat (128 px) correlate 0.96 instead of 0.59 with the plain sum.
 
     ``n_masks`` random binary grids of ``cell`` x ``cell`` cells, each cell kept with probability ``p``,
     upsampled bilinearly and shifted at random by up to one cell, so the masks are smooth and every position
@@ -74,7 +78,9 @@ class RISE(RegionMethod):
         shifts = torch.stack([torch.randint(0, math.ceil(h / s), (n,), generator=gen),
                               torch.randint(0, math.ceil(w / s), (n,), generator=gen)], 1).to(x.device)
         per_chunk = self.batch_size  # masks per chunk, whatever the batch: a map does not depend on its batch
-        total = torch.zeros(b, fw.k, h * w, dtype=torch.float64, device=x.device)
+        total = torch.zeros(b, fw.k, h * w, dtype=torch.float64, device=x.device)  # sum_i P_i M_i
+        cover = torch.zeros(h * w, dtype=torch.float64, device=x.device)  # sum_i M_i
+        mass = torch.zeros(b, fw.k, 1, dtype=torch.float64, device=x.device)  # sum_i P_i
         for start in range(0, n, per_chunk):
             stop = min(n, start + per_chunk)
             masks = rise_masks(grids[start:stop], shifts[start:stop], (h, w)).to(x.dtype)  # (m, H, W)
@@ -89,4 +95,7 @@ class RISE(RegionMethod):
             scores = score_inputs(self.model, masked, b * m, fw.target, output=self.output,
                                   batch_size=m).view(b, m, -1)  # (B, m, K)
             total += torch.einsum("bmk,mp->bkp", scores.double(), masks.flatten(1).double())
-        return [(total / (n * self.p)).view(b * fw.k, h, w).float()]
+            cover += masks.flatten(1).double().sum(0)
+            mass += scores.double().sum(1)[..., None]
+        mean = mass / n
+        return [((total - mean * cover) / (n * self.p) + mean).view(b * fw.k, h, w).float()]

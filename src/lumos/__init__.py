@@ -5,6 +5,7 @@ from lumos.errors import LumosError
 from lumos.explanation import Explanation
 from lumos.methods import (
     CAM,
+    RISE,
     DeconvNet,
     EigenCAM,
     GradCAM,
@@ -19,7 +20,6 @@ from lumos.methods import (
     LayerMethod,
     Method,
     Occlusion,
-    RISE,
     ScoreCAM,
     SmoothGrad,
     XGradCAM,

@@ -5,26 +5,34 @@ User mistakes (bad file, unknown name) print one line ``error: ...`` and exit no
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from typer.core import TyperCommand
 
+from lumos.cli_common import (
+    _check_out,
+    _floats,
+    _load,
+    _make_dir,
+    _writing,
+    err_console,
+    out_console,
+)
 from lumos.cli_options import (
     LabelsOpt,
     MeanOpt,
     ModelOpt,
+    OutputOpt,
+    ProbsOpt,
     SettingsOpt,
     SizeOpt,
     StdOpt,
@@ -41,37 +49,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="lumos: see where a vision model looks, and whether that picture can be trusted.",
 )
-# soft_wrap: a message is one line however narrow the terminal (or 80 columns when output is piped).
-out_console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
-
 DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam,guided_gradcam,integrated_gradients"
 COMMON_COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "plasma", "hot", "gray")
-
-
-def _floats(text: str | None) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(t) for t in text.replace(",", " ").split())
-    except ValueError:
-        raise LumosError(f"Expected numbers separated by commas, got '{text}'.") from None
-
-
-def _load(model: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
-          labels: Path | None):
-    import torch
-
-    from lumos.zoo import load_model
-
-    bundle = load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels,
-                        torchscript=False)
-    if isinstance(bundle.model, torch.jit.ScriptModule):  # every command here records layers with hooks
-        raise LumosError(
-            f"{model} is a TorchScript model: it loads, but torch allows no hooks on a loaded ScriptModule, so its "
-            "layers cannot be recorded; save the state dict and use --model package.module:callable --weights FILE."
-        )
-    return bundle
 
 
 def _on_tty(console: Console) -> bool:
@@ -83,50 +62,12 @@ def _on_tty(console: Console) -> bool:
 
 
 def _progress() -> Progress:
+    """A progress bar with time left, on a real terminal only (``cli.err_console``)."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=err_console, transient=True, disable=not _on_tty(err_console),
     )
-
-
-def _make_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LumosError(f"Cannot create the output directory {out}: {err.strerror or err}.") from None
-
-
-def _reason(err: OSError) -> str:
-    return (err.strerror or str(err) or type(err).__name__).lower()
-
-
-def _check_out(out: Path) -> None:
-    """Fail before any model work when ``--out`` cannot become a writable directory: it (or the nearest part of
-    it that exists) is a file, or a probe file cannot be created and deleted there. Nothing is left behind."""
-    probe = out
-    try:
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
-        if not probe.is_dir():
-            what = "is a file" if probe == out else f"cannot be created: {probe} is a file"
-            raise LumosError(f"The output directory {out} (--out) {what}, not a directory.")
-        fd, name = tempfile.mkstemp(prefix=".lumos-write-test-", dir=probe)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as err:
-        if probe == out:
-            raise LumosError(f"Cannot write to the output directory {out} (--out): {_reason(err)}.") from None
-        raise LumosError(f"Cannot create the output directory {out} (--out) in {probe}: {_reason(err)}.") from None
-
-
-@contextlib.contextmanager
-def _writing(out: Path) -> Iterator[None]:
-    """A failed write (disk full, permission changed mid-run) becomes one line, not a traceback."""
-    try:
-        yield
-    except OSError as err:
-        target = err.filename or out
-        raise LumosError(f"Cannot write {target}: {_reason(err)}.") from None
 
 
 def _positive(value: int, option: str) -> None:
@@ -158,66 +99,6 @@ def _methods(text: str) -> list[str]:
     return unique
 
 
-def _setting_kind(name: str, key: str, base: str | None) -> tuple[type | None, bool]:
-    """What method ``name``'s constructor wants for ``key``, from its type hint or else its default:
-    (``bool``, ``int`` or None for anything else, whether None is allowed)."""
-    import inspect
-
-    from lumos.api import method_class
-
-    classes = [method_class(name)]
-    if classes[0].name == "smoothgrad":  # passes settings it does not take on to its base method
-        classes.append(method_class(base or "gradients"))
-    for cls in classes:
-        for klass in cls.__mro__:
-            init = klass.__dict__.get("__init__")
-            if init is None:
-                continue
-            params = inspect.signature(init).parameters
-            if key in params:
-                p = params[key]
-                hint = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
-                members = {m.strip() for m in hint.split("|")} if p.annotation is not p.empty else set()
-                optional = "None" in members or p.default is None
-                for kind in (bool, int):
-                    if members - {"None"} == {kind.__name__} or (not members and type(p.default) is kind):
-                        return kind, optional
-                return None, optional
-            if not any(q.kind == q.VAR_KEYWORD for q in params.values()):
-                break
-    return None, True
-
-
-def check_setting_types(method_kwargs: dict[str, dict]) -> None:
-    """``--set`` values of the wrong kind for a true/false or integer setting, as a one-line error before
-    any model work (``relu=maybe``, ``batch_size=2.5``)."""
-    for name, kwargs in method_kwargs.items():
-        for key, value in kwargs.items():
-            kind, optional = _setting_kind(name, key, kwargs.get("base"))
-            if kind is None or (value is None and optional) or (type(value) is kind):
-                continue
-            need = "takes true or false" if kind is bool else "needs an integer"
-            raise LumosError(f"{name} does not accept the settings {key}={value!r}: {key} {need}"
-                             f"{' (or none)' if optional else ''}.")
-
-
-def _check_choices(bundle, target, layer: str) -> None:
-    """Fail before any image is read when the class name/index or layer name cannot work."""
-    from lumos.layers import resolve_layers
-    from lumos.targets import TargetError
-
-    if layer != "auto":
-        resolve_layers(bundle.model, layer)
-    labels = bundle.labels
-    if labels is None or target is None:
-        return
-    if isinstance(target, int):
-        if not 0 <= target < len(labels):
-            raise TargetError(f"Class {target} is out of range: the model has {len(labels)} outputs.")
-    elif not re.fullmatch(r"\s*top(?:k:?|-?)(\d+)\s*", target.lower()):
-        labels.index_of(target)
-
-
 def _print_prediction(name: str, prediction) -> None:
     top = ", ".join(f"{label} {p:.2f}" for _, label, p in prediction.top)
     out_console.print(f"{name}: {top}", highlight=False)
@@ -239,6 +120,8 @@ def explain(
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per forward.")] = 8,
     gallery: Annotated[bool, typer.Option(help="Also write gallery.png (rows = images).")] = False,
     settings: SettingsOpt = None,
+    output: OutputOpt = None,
+    probs: ProbsOpt = "auto",
     weights: WeightsOpt = None,
     size: SizeOpt = None,
     mean: MeanOpt = None,
@@ -247,38 +130,37 @@ def explain(
 ) -> None:
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.io import find_images, load_image
-    from lumos.method_settings import check_settings, parse_settings
-    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, parse_target, write_gallery
+    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, write_gallery
 
-    methods = _methods(method)
-    method_kwargs = parse_settings(settings or [], methods)
-    check_setting_types(method_kwargs)
     formats = parse_list(save, SAVE_FORMATS, what="save format")
     if not 0 <= alpha <= 1:
         raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
     _positive(batch_size, "--batch-size")
     _check_colormap(colormap)
+    spec = _spec(model, method, settings, target, layer, output, probs, weights, size, mean, std, labels)
     _check_out(out)
-    bundle = _load(model, weights, size, mean, std, labels)
-    check_settings(method_kwargs, bundle.model, layer, bundle.labels, bundle.preprocess)
-    spec = parse_target(target)
-    _check_choices(bundle, spec, layer)
+    explainer = _explainer(spec)
     files, problems = find_images(images)
     failures = [(str(p), f"{p}: {why}") for p, why in problems]
     if files:
         _make_dir(out)
+    methods = spec.method_names
     with _progress() as progress, _writing(out):
-        task = progress.add_task("explaining", total=len(files))
+        task = progress.add_task("explaining", total=len(files) * len(methods))
+        times: dict[str, float] = {}
+
+        def on_method(name: str, seconds: float) -> None:
+            times[name] = times.get(name, 0.0) + seconds
+            progress.update(task, description=f"explaining ({name})")
 
         def on_image(name: str, prediction, error: str | None) -> None:
-            progress.advance(task)
+            progress.advance(task, len(methods))
             if error is None:
                 _print_prediction(name, prediction)
 
         report = explain_images(
-            bundle.model, bundle.preprocess, [(str(f), _loader(load_image, f)) for f in files], methods,
-            labels=bundle.labels, target=spec, layer=layer, out=out, save=formats,
-            colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image, method_kwargs=method_kwargs,
+            explainer, [(str(f), _loader(load_image, f)) for f in files], out=out, save=formats,
+            colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image, on_method=on_method,
         )
     if gallery and report.results:
         with _writing(out):
@@ -295,6 +177,41 @@ def explain(
         raise typer.Exit(1)
 
 
+def _spec(model: str, method: str, settings: list[str] | None, target: str, layer: str, output: str | None,
+          probs: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
+          labels: Path | None):
+    """The explanation spec from the command line: every name and value checked before any model work."""
+    from lumos.explainer import ExplainSpec, ModelSpec
+    from lumos.method_settings import parse_settings
+
+    methods = _methods(method)
+    return ExplainSpec(
+        model=ModelSpec(model, None if weights is None else str(weights), size, _floats(mean), _floats(std),
+                        None if labels is None else str(labels)),
+        methods=tuple(methods), settings=parse_settings(settings or [], methods), target=target, layer=layer,
+        output=_output(output), probs=probs,
+    )
+
+
+def _output(text: str | None) -> int | str | None:
+    """``--output``: an index into a tuple output or a key of a dict output."""
+    if text is None or not text.strip():
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text.strip()
+
+
+def _explainer(spec):
+    """Load the model once (TorchScript refused before it runs) and check layer and class against it."""
+    from lumos.explainer import Explainer
+
+    m = spec.model
+    bundle = _load(m.name, None if m.weights is None else Path(m.weights), m.size,
+                   None if m.mean is None else ",".join(map(str, m.mean)),
+                   None if m.std is None else ",".join(map(str, m.std)),
+                   None if m.labels is None else Path(m.labels))
+    return Explainer(spec, bundle)
+
+
 def _loader(load: Callable, path: Path) -> Callable:
     return lambda: load(path)
 
@@ -308,9 +225,9 @@ def demo(
     from lumos.io import sample_images
     from lumos.runner import explain_images, write_gallery
 
-    methods = _methods(method)
+    spec = _spec("efficientnet_lite0", method, None, "top1", "auto", None, "auto", None, None, None, None, None)
     _check_out(out)
-    bundle = _load("efficientnet_lite0", None, None, None, None, None)
+    explainer = _explainer(spec)
     _make_dir(out)
 
     def on_image(name: str, prediction, error: str | None) -> None:
@@ -318,11 +235,8 @@ def demo(
             _print_prediction(name, prediction)
 
     with _writing(out):
-        report = explain_images(
-            bundle.model, bundle.preprocess, list(sample_images().items()), methods, labels=bundle.labels, out=out,
-            on_image=on_image,
-        )
-        path = write_gallery(report, out / "gallery.png", methods)
+        report = explain_images(explainer, list(sample_images().items()), out=out, on_image=on_image)
+        path = write_gallery(report, out / "gallery.png", spec.method_names)
     out_console.print(f"Wrote {len(report.written)} overlays and the gallery {path}", highlight=False)
 
 

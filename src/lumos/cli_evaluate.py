@@ -42,16 +42,18 @@ def evaluate(
     """Which explanation can be trusted? Deletion/insertion, average drop, pointing game, sanity checks."""
     from lumos.api import method_class
     from lumos.api import methods as all_methods
-    from lumos.cli import _load, _make_dir, err_console, out_console
+    from lumos.cli_common import _load, _make_dir, err_console, out_console
     from lumos.evaluate.benchmark import evaluate_methods, synthetic_benchmark
     from lumos.evaluate.report import format_table, plot_curves, plot_sanity, write_csv, write_json
-    from lumos.method_settings import check_settings, parse_settings
+    from lumos.explainer import ExplainSpec, supply_objects
+    from lumos.method_settings import parse_settings
     from lumos.runner import parse_list
 
     names = all_methods() if methods.strip().lower() == "all" else [
         method_class(m).name for m in parse_list(methods, what="method")
     ]
     method_kwargs = parse_settings(settings or [], names)
+    ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work
     if steps is not None and steps < 1 or batch_size < 1 or n < 1:
         raise LumosError("--steps, --batch-size and --n must be positive integers.")
     if tolerance is not None and tolerance < 0:
@@ -63,9 +65,7 @@ def evaluate(
             raise LumosError(f"Unknown benchmark '{benchmark}'; use: {', '.join(BENCHMARKS)}.")
         if images:
             raise LumosError("Give either image files or --benchmark, not both.")
-        from lumos.synthetic import load_tinycnn
 
-        check_settings(method_kwargs, load_tinycnn())
         _make_dir(out)
         report = synthetic_benchmark(
             names, n=n, steps=steps or 64, batch_size=batch_size,
@@ -85,7 +85,7 @@ def evaluate(
 
         refuse_torchscript(model)  # no hooks on a ScriptModule: refuse the file before any code in it runs
         bundle = _load(model, weights, size, mean, std, None)
-        check_settings(method_kwargs, bundle.model, preprocess=bundle.preprocess)
+        method_kwargs = supply_objects(method_kwargs, preprocess=bundle.preprocess)
         if layer != "auto":
             from lumos.layers import resolve_layers
 

@@ -16,6 +16,13 @@ SizeOpt = Annotated[int | None, typer.Option(metavar="PIXELS", help="Input size 
 MeanOpt = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean, e.g. 0.485,0.456,0.406.")]
 StdOpt = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation std, e.g. 0.229,0.224,0.225.")]
 LabelsOpt = Annotated[Path | None, typer.Option(metavar="FILE", help="Text file with one class name per line.")]
+OutputOpt = Annotated[str | None, typer.Option(
+    "--output", metavar="INDEX|KEY",
+    help="For a model returning a tuple or dict: the output to explain and predict from (index or key).")]
+ProbsOpt = Annotated[str, typer.Option(
+    "--probs", metavar="auto|softmax|sigmoid|none",
+    help="How class probabilities come from the output; auto: the model's own sigmoid/softmax if it ends in "
+    "one, else softmax (sigmoid for a single output).")]
 SettingsOpt = Annotated[list[str] | None, typer.Option(
     "--set", metavar="KEY=VALUE", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (e.g. steps=128, "
     "integrated_gradients.baseline=black,blur).")]

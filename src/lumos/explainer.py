@@ -63,6 +63,18 @@ def build_method(name: str, model: nn.Module, layer: Any, labels: Sequence[str] 
         raise LumosError(f"{cls.name} does not accept the settings {given}: {err}") from None
 
 
+def supply_objects(settings: Mapping[str, Mapping[str, Any]], preprocess: Any) -> dict[str, dict[str, Any]]:
+    """New settings dicts with ``preprocess`` added for the methods that take it (and were not given one);
+    the caller's dicts are left as they are."""
+    out = {}
+    for name, kwargs in settings.items():
+        kw = dict(kwargs)
+        if preprocess is not None and "preprocess" in accepted_settings(name, kw.get("base")):
+            kw.setdefault("preprocess", preprocess)
+        out[name] = kw
+    return out
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model: a zoo name, a ``package.module:callable`` (with ``weights``) or a file, plus the
@@ -168,6 +180,45 @@ def parse_target(text: int | str | None) -> int | str | None:
     return text
 
 
+def _setting_kind(name: str, key: str, base: str | None) -> tuple[type | None, bool]:
+    """What method ``name``'s constructor wants for ``key``, from its type hint or else its default:
+    (``bool``, ``int`` or None for anything else, whether None is allowed)."""
+    classes = [method_class(name)]
+    if classes[0].name == "smoothgrad":  # passes settings it does not take on to its base method
+        classes.append(method_class(base or "gradients"))
+    for cls in classes:
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None:
+                continue
+            params = inspect.signature(init).parameters
+            if key in params:
+                p = params[key]
+                hint = p.annotation if isinstance(p.annotation, str) else inspect.formatannotation(p.annotation)
+                members = {m.strip() for m in hint.split("|")} if p.annotation is not p.empty else set()
+                optional = "None" in members or p.default is None
+                for kind in (bool, int):
+                    if members - {"None"} == {kind.__name__} or (not members and type(p.default) is kind):
+                        return kind, optional
+                return None, optional
+            if not any(q.kind == q.VAR_KEYWORD for q in params.values()):
+                break
+    return None, True
+
+
+def check_setting_types(method_kwargs: Mapping[str, Mapping[str, Any]]) -> None:
+    """``--set`` values of the wrong kind for a true/false or integer setting, as a one-line error before
+    any model work (``relu=maybe``, ``batch_size=2.5``)."""
+    for name, kwargs in method_kwargs.items():
+        for key, value in kwargs.items():
+            kind, optional = _setting_kind(name, key, kwargs.get("base"))
+            if kind is None or (value is None and optional) or (type(value) is kind):
+                continue
+            need = "takes true or false" if kind is bool else "needs an integer"
+            raise LumosError(f"{name} does not accept the settings {key}={value!r}: {key} {need}"
+                             f"{' (or none)' if optional else ''}.")
+
+
 def check_method_settings(spec: MethodSpec) -> None:
     """Setting names and values of one method, checked without a model (constructors do no model work)."""
     kwargs = spec.kwargs
@@ -178,6 +229,7 @@ def check_method_settings(spec: MethodSpec) -> None:
 
         raise LumosError(f"{spec.name} has no setting '{unknown[0]}'.{close_matches(unknown[0], sorted(known))} "
                          f"Settings: {', '.join(sorted(known - _OBJECTS))}.")
+    check_setting_types({spec.name: kwargs})
     build_method(spec.name, nn.Identity(), "auto", None, kwargs)
 
 
@@ -242,13 +294,11 @@ class Explainer:
                 with guard(self.model):
                     self._layer = next(iter(resolve_layers(self.model, "auto", x[:1])))
             layer = self._layer
-            preprocess = getattr(self.bundle, "preprocess", None)
+            settings = supply_objects({m.name: m.kwargs for m in self.spec.methods},
+                                      getattr(self.bundle, "preprocess", None))
             built = {}
             for m in self.spec.methods:
-                kwargs = m.kwargs
-                if preprocess is not None and "preprocess" in accepted_settings(m.name, kwargs.get("base")):
-                    kwargs.setdefault("preprocess", preprocess)
-                kwargs.update(output=self.spec.output, probs=self.spec.probs)
+                kwargs = {**settings[m.name], "output": self.spec.output, "probs": self.spec.probs}
                 built[m.name] = build_method(m.name, self.model, layer, self.labels, kwargs)
             self._methods = built
         return self._methods
@@ -292,4 +342,4 @@ class Explainer:
 
 
 __all__ = ["BatchResult", "ExplainSpec", "Explainer", "MethodSpec", "ModelSpec", "Prediction", "accepted_settings",
-           "build_method", "check_method_settings", "parse_target"]
+           "build_method", "check_method_settings", "check_setting_types", "parse_target", "supply_objects"]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import torch
-
-from lumos.api import method_class
 from lumos.errors import LumosError, close_matches
+from lumos.explainer import _OBJECTS
+from lumos.explainer import accepted_settings as accepted
+from lumos.methods import method_class
 
-# Constructor arguments the caller supplies itself, never settings.
-_RESERVED = {"self", "model", "layer", "labels"}
-_OBJECTS = {"preprocess"}  # accepted, but objects: the command line supplies them
+__all__ = ["accepted", "parse_settings", "parse_value"]
 
 
 def parse_value(text: str) -> Any:
@@ -31,24 +28,6 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text.strip()
-
-
-def accepted(name: str, base: str | None = None) -> set[str]:
-    """Keyword arguments method ``name``'s constructor accepts (its own and its base classes';
-    for ``smoothgrad`` also those of its ``base`` method, which it passes on)."""
-    cls = method_class(name)
-    params: set[str] = set()
-    for klass in cls.__mro__:  # follow **kwargs up to the first constructor that has none
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        signature = inspect.signature(init).parameters.values()
-        params |= {p.name for p in signature if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in signature):
-            break
-    if cls.name == "smoothgrad":
-        params |= accepted(base or "gradients")
-    return params - _RESERVED
 
 
 def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -76,25 +55,3 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
         for m in takers:
             out[m][key] = value
     return out
-
-
-def build_method(cls: type, model: torch.nn.Module, layer: str, labels: Sequence[str] | None,
-                 settings: Mapping[str, Any]) -> Any:
-    """A method object; a setting of the wrong type becomes a one-line error naming the method."""
-    try:
-        return cls(model, layer, labels=labels, **settings)
-    except (TypeError, ValueError) as err:
-        if not settings:
-            raise
-        given = ", ".join(f"{k}={v!r}" for k, v in settings.items() if isinstance(v, str | int | float | list | None))
-        raise LumosError(f"{cls.name} does not accept the settings {given}: {err}") from None
-
-
-def check_settings(method_kwargs: dict[str, dict[str, Any]], model: torch.nn.Module, layer: str = "auto",
-                   labels: Sequence[str] | None = None, preprocess: Any = None) -> None:
-    """Build every method once with its settings so a bad value fails before any work. Methods that take
-    ``preprocess`` (e.g. IG's black baseline) get ``preprocess`` added to their settings unless given."""
-    for name, kwargs in method_kwargs.items():
-        if preprocess is not None and "preprocess" not in kwargs and "preprocess" in accepted(name, kwargs.get("base")):
-            kwargs["preprocess"] = preprocess
-        build_method(method_class(name), model, layer, labels, kwargs)

@@ -8,32 +8,21 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from lumos.api import method_class
-from lumos.capture import model_guard
 from lumos.errors import LumosError
+from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
-from lumos.method_settings import build_method
 from lumos.render import gallery, grayscale_map_image, overlay
-from lumos.targets import TargetSpec
 
 log = logging.getLogger(__name__)
 SAVE_FORMATS = ("png", "npy")
-
-
-@dataclass
-class Prediction:
-    """Top classes of one image: (class index, name, probability), best first."""
-
-    top: list[tuple[int, str, float]]
 
 
 @dataclass
@@ -69,16 +58,6 @@ class RunReport:
         return self.stems[name]
 
 
-def parse_target(text: str | None) -> TargetSpec:
-    """CLI target text -> target spec: ``top1`` -> None, ``topk:3``, ``285`` -> 285, else a class name."""
-    if text is None or text.strip().lower() in ("", "top1", "top-1", "pred", "predicted"):
-        return None
-    text = text.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
-    return text
-
-
 def parse_list(text: str, allowed: Sequence[str] | None = None, what: str = "value") -> list[str]:
     """Split ``"a,b c"`` into items; with ``allowed``, items are matched case-insensitively (``PNG`` is ``png``)
     and unknown items are a one-line error."""
@@ -109,19 +88,6 @@ def _safe(text: str) -> str:
     return safe.rstrip("_ .") or "x"
 
 
-def predict(model: torch.nn.Module, x: torch.Tensor, labels: Sequence[str] | None, k: int = 3) -> list[Prediction]:
-    """Top-k classes per image from one no-grad forward in eval mode (the model is left as found)."""
-    with model_guard(model), torch.no_grad():
-        logits = model(x)
-    probs = torch.softmax(logits.float(), 1)
-    top = probs.topk(min(k, probs.shape[1]), dim=1)
-    name = (lambda i: labels[i]) if labels is not None else (lambda i: f"class {i}")  # noqa: E731
-    return [
-        Prediction([(int(i), name(int(i)), float(p)) for p, i in zip(ps, idx, strict=True)])
-        for ps, idx in zip(top.values, top.indices, strict=True)
-    ]
-
-
 def _caption(ex: Explanation, j: int, labels: Sequence[str] | None) -> str:
     if ex.targets is None:
         return f"score {float(ex.scores[j]):.3g}"
@@ -131,39 +97,29 @@ def _caption(ex: Explanation, j: int, labels: Sequence[str] | None) -> str:
 
 
 def explain_images(
-    model: torch.nn.Module,
-    preprocess: Callable[[list[Image.Image]], torch.Tensor],
+    explainer: Explainer,
     items: Iterable[tuple[str, Image.Image | Callable[[], Image.Image]]],
-    methods: Sequence[str],
     *,
-    labels: Sequence[str] | None = None,
-    target: TargetSpec = None,
-    layer: str = "auto",
     out: Path | None = None,
     save: Sequence[str] = ("png",),
     colormap: str = "jet",
     alpha: float = 0.5,
     batch_size: int = 8,
-    top_k: int = 3,
     on_image: Callable[[str, Prediction | None, str | None], None] | None = None,
-    method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    on_method: Callable[[str, float], None] | None = None,
 ) -> RunReport:
-    """Explain images in batches with each method; write overlays (and .npy maps) to ``out``.
+    """Explain images in batches with an :class:`~lumos.explainer.Explainer`; write overlays (and .npy maps).
 
     ``items`` yields (name, image) or (name, loader); a loader that raises ``LumosError`` becomes a
-    failure of that image only. ``on_image(name, prediction, error)`` is called once per image.
-    ``method_kwargs`` maps a method name to extra constructor arguments (e.g. IG steps).
+    failure of that image only. ``on_image(name, prediction, error)`` is called once per image and
+    ``on_method(name, seconds)`` once per method and batch.
     """
-    classes = [method_class(m) for m in methods]  # unknown names fail before any work
     report = RunReport()
-    extra = method_kwargs or {}
-    cams = [build_method(cls, model, layer, labels, extra.get(cls.name, {})) for cls in classes]
     batch: list[tuple[str, Image.Image]] = []
 
     def flush() -> None:
         if batch:
-            _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report,
-                       on_image)
+            _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method)
             batch.clear()
 
     for name, source in items:
@@ -201,33 +157,32 @@ def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet
                max_side: int | None = None) -> Image.Image:
     """Map ``j`` drawn for reading at the image size, its long side capped at ``max_side`` pixels.
 
-    Layer maps (CAMs) become a heat overlay on the photo; pixel-space attributions (``raw`` is
-    B x C x H x W) become grayscale saliency, as in the papers, since their detail hides under a photo.
+    Layer and region maps (CAMs, occlusion, RISE) become a heat overlay on the photo; pixel attributions
+    (``ex.kind == "pixel"``) become grayscale saliency, as in the papers, since their detail hides under a photo.
     ``max_side=None`` uses ``$LUMOS_MAX_SIDE`` or 4096 (see :func:`lumos.io.default_max_side`); 0: no cap.
     """
     from lumos.io import default_max_side, fit_size
 
     size = fit_size(image.size, default_max_side() if max_side is None else max_side)
-    if isinstance(ex.raw, torch.Tensor) and ex.raw.ndim == 4:
+    if ex.kind == "pixel":
         return grayscale_map_image(ex.maps[j], size=size).convert("RGB")
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return overlay(image, ex.maps[j], colormap, alpha)
 
 
-def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colormap, alpha, top_k, report, on_image):
-    x = preprocess([im for _, im in batch])
-    predictions = predict(model, x, labels, top_k)
-    results = [ImageResult(n, im, p) for (n, im), p in zip(batch, predictions, strict=True)]
-    for cam in cams:
-        ex = cam(x, target)
+def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method):
+    result = explainer([im for _, im in batch], on_method=on_method)
+    results = [ImageResult(n, im, p) for (n, im), p in zip(batch, result.predictions, strict=True)]
+    labels = explainer.labels
+    for name, ex in result.explanations.items():
         for j in range(len(ex)):
             res = results[int(ex.image_index[j])]
-            res.overlays.setdefault(cam.name, []).append(render_map(res.image, ex, j, colormap, alpha))
-            res.captions.setdefault(cam.name, []).append(_caption(ex, j, labels))
+            res.overlays.setdefault(name, []).append(render_map(res.image, ex, j, colormap, alpha))
+            res.captions.setdefault(name, []).append(_caption(ex, j, labels))
         if out is not None and "npy" in save:
             for i, res in enumerate(results):
-                path = out / f"{report.stem(res.name)}_{_safe(cam.name)}.npy"
+                path = out / f"{report.stem(res.name)}_{_safe(name)}.npy"
                 np.save(path, _at_image_size(ex.maps[ex.image_index == i], res.image))
                 report.written.append(path)
     for res in results:
@@ -236,7 +191,7 @@ def _run_batch(batch, model, preprocess, cams, labels, target, out, save, colorm
                 for k, img in enumerate(images):
                     suffix = f"_top{k + 1}" if len(images) > 1 else ""
                     path = out / f"{report.stem(res.name)}_{_safe(method)}{suffix}.png"
-                    img.save(path)
+                    img.save(path, compress_level=1)
                     report.written.append(path)
         report.results.append(res)
         if on_image:

@@ -4,6 +4,7 @@ from lumos.methods.activation_cams import CAM, EigenCAM
 from lumos.methods.base import REGISTRY, LayerMethod, Method, RegionMethod, method_class, methods
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
+from lumos.methods.occlusion import Occlusion
 from lumos.methods.pixel import (
     DeconvNet,
     Gradients,
@@ -12,7 +13,6 @@ from lumos.methods.pixel import (
     GuidedGradCAM,
     PixelMethod,
 )
-from lumos.methods.occlusion import Occlusion
 from lumos.methods.rise import RISE
 from lumos.methods.scorecam import ScoreCAM
 from lumos.methods.smoothgrad import SmoothGrad

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lumos.errors import LumosError
 from lumos.engine import Forward
+from lumos.errors import LumosError
 from lumos.methods.base import ActivationMethod, register, spatial_mean, stack_ranks
 
 

@@ -49,8 +49,10 @@ class Occlusion(RegionMethod):
         self.window = _pair("window", window)
         self.stride = _pair("stride", stride)
         if any(s > w for s, w in zip(self.stride, self.window, strict=True)):
-            raise LumosError(f"stride {self.stride} must not exceed the window {self.window}: pixels would be skipped.")
-        if not isinstance(baseline, torch.Tensor) and (isinstance(baseline, bool) or not isinstance(baseline, int | float)):
+            raise LumosError(f"stride {self.stride} must not exceed the window {self.window}: pixels would be "
+                             "skipped.")
+        number = isinstance(baseline, int | float) and not isinstance(baseline, bool)
+        if not (number or isinstance(baseline, torch.Tensor)):
             raise LumosError(f"baseline must be a number or a tensor, got {baseline!r}.")
         self.baseline = baseline
         self.batch_size = positive_int("batch_size", batch_size)

@@ -330,16 +330,33 @@ class Explainer:
 
     def _predictions(self, ex: Explanation) -> list[Prediction]:
         """Top-k classes per image from the explanation's own forward (no extra forward)."""
-        out = ex.output
-        if out is None or out.ndim != 2:
-            return [Prediction([]) for _ in range(int(ex.image_index.max()) + 1 if ex.image_index is not None else 1)]
-        probs = to_probabilities(out, ex.probs_kind)
-        values = out.float() if probs is None else probs
-        top = values.topk(min(self.spec.top_k, values.shape[1]), dim=1)
-        name = (lambda i: self.labels[i]) if self.labels is not None else (lambda i: f"class {i}")  # noqa: E731
-        return [Prediction([(int(i), name(int(i)), float(p)) for p, i in zip(ps, idx, strict=True)])
-                for ps, idx in zip(top.values, top.indices, strict=True)]
+        return top_predictions(ex.output, ex.probs_kind, self.labels, self.spec.top_k)
+
+
+def top_predictions(output: torch.Tensor | None, probs_kind: str, labels: Sequence[str] | None,
+                    k: int) -> list[Prediction]:
+    """Top-``k`` (class, name, probability) per image of a (B, C) output; empty for other outputs."""
+    if output is None or output.ndim != 2:
+        return [Prediction([]) for _ in range(1 if output is None else output.shape[0])]
+    probs = to_probabilities(output, probs_kind)
+    values = output.float() if probs is None else probs
+    top = values.topk(min(k, values.shape[1]), dim=1)
+    name = (lambda i: labels[i]) if labels is not None else (lambda i: f"class {i}")  # noqa: E731
+    return [Prediction([(int(i), name(int(i)), float(p)) for p, i in zip(ps, idx, strict=True)])
+            for ps, idx in zip(top.values, top.indices, strict=True)]
+
+
+def predict(model: nn.Module, x: torch.Tensor, labels: Sequence[str] | None = None, k: int = 3,
+            output: Any = None, probs: str = "auto") -> list[Prediction]:
+    """Top-``k`` classes per image from one guarded no-grad forward (for showing classes before explaining)."""
+    from lumos.engine import check_input, forward, guard
+
+    x = check_input(x)
+    with guard(model):
+        fw = forward(model, x, [], None, output=output, labels=labels, probs=probs, grad_mode="none")
+    return top_predictions(fw.output.detach(), fw.probs_kind, labels, k)
 
 
 __all__ = ["BatchResult", "ExplainSpec", "Explainer", "MethodSpec", "ModelSpec", "Prediction", "accepted_settings",
-           "build_method", "check_method_settings", "check_setting_types", "parse_target", "supply_objects"]
+           "build_method", "check_method_settings", "check_setting_types", "parse_target", "predict", "supply_objects",
+           "top_predictions"]

@@ -19,7 +19,7 @@ from PIL import Image
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
-from lumos.render import gallery, grayscale_map_image, overlay
+from lumos.render import draw_map, gallery
 
 log = logging.getLogger(__name__)
 SAVE_FORMATS = ("png", "npy")
@@ -164,11 +164,7 @@ def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet
     from lumos.io import default_max_side, fit_size
 
     size = fit_size(image.size, default_max_side() if max_side is None else max_side)
-    if ex.kind == "pixel":
-        return grayscale_map_image(ex.maps[j], size=size).convert("RGB")
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return overlay(image, ex.maps[j], colormap, alpha)
+    return draw_map(image, ex.maps[j], ex.kind, colormap, alpha, size=size)
 
 
 def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method):

@@ -204,7 +204,7 @@ def npy_bytes(arr: np.ndarray) -> bytes:
 
 def top_classes(bundle, image: Image.Image, k: int = 5) -> list[tuple[int, str, float]]:
     """The top-``k`` (class index, name, probability) of one image, best first."""
-    from lumos.runner import predict
+    from lumos.explainer import predict
 
     x = bundle.preprocess([image])
     return predict(bundle.model, x, bundle.labels, k=k)[0].top
@@ -244,15 +244,10 @@ def available_methods() -> list[str]:
 
 
 def is_pixel_method(method: str) -> bool:
-    """True for pixel-space attributions (drawn as saliency maps, not heat-map overlays)."""
+    """True for pixel-space attributions (drawn as saliency maps, not heat-map overlays): the method says so."""
     import lumos
 
-    cls = lumos.method_class(method)
-    try:
-        from lumos.methods import PixelMethod
-    except ImportError:  # pragma: no cover - older lumos
-        return False
-    return issubclass(cls, PixelMethod)
+    return lumos.method_class(method).kind == "pixel"
 
 
 @dataclass(frozen=True)
@@ -278,6 +273,9 @@ KNOWN_SETTINGS: dict[str, dict[str, Setting]] = {
                              0.1, 0.005),
         "baseline": Setting("baseline", "IG baseline", "choice", "zero", options=("zero", "black", "blur", "uniform")),
     },
+    "rise": {"n_masks": Setting("n_masks", "RISE masks", "int", 1000, 100, 8000, 100)},
+    "occlusion": {"window": Setting("window", "Occlusion window (px)", "int", 16, 4, 64, 4),
+                  "stride": Setting("stride", "Occlusion stride (px)", "int", 8, 2, 64, 2)},
     "smoothgrad": {
         "n_samples": Setting("n_samples", "SmoothGrad samples", "int", 16, 2, 100, 1),
         "samples": Setting("samples", "SmoothGrad samples", "int", 16, 2, 100, 1),
@@ -317,15 +315,12 @@ class MethodResult:
 
 def run_method(bundle, image: Image.Image, method: str, target: int | None, layer: str = "auto",
                settings: dict[str, Any] | None = None) -> MethodResult:
-    """Explain ``target`` (None = top-1) on ``image`` with ``method`` at ``layer``."""
-    import lumos
+    """Explain ``target`` (None = top-1) on ``image`` with ``method`` at ``layer``, through one spec."""
+    from lumos.explainer import Explainer, ExplainSpec
 
-    kwargs = dict(settings or {})
-    params = _init_params(method)
-    if "preprocess" in params:
-        kwargs.setdefault("preprocess", bundle.preprocess)
-    x = bundle.preprocess([image])
-    ex = lumos.explain(bundle.model, x, method=method, target=target, layer=layer, **kwargs)
+    spec = ExplainSpec(methods=(method,), settings={method: dict(settings or {})}, target=target, layer=layer)
+    result = Explainer(spec, bundle)([image])
+    ex = result.explanations[spec.method_names[0]]
     raw = ex.raw[0] if isinstance(ex.raw, tuple) else ex.raw
     layer_name = ex.layer if isinstance(ex.layer, str) or ex.layer is None else ", ".join(ex.layer)
     return MethodResult(
@@ -335,20 +330,17 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
         target=None if ex.targets is None else int(ex.targets[0]),
         prob=None if ex.probs is None else float(ex.probs[0]),
         layer=layer_name,
-        pixel=is_pixel_method(method),
+        pixel=ex.kind == "pixel",
         params={k: v for k, v in ex.params.items() if isinstance(v, str | int | float | bool | None)},
     )
 
 
 def render_result(image: Image.Image, result: MethodResult, colormap: str = "jet", alpha: float = 0.5) -> Image.Image:
-    """CAMs: heat map over the image. Pixel methods: a saliency map at the image's size."""
-    from lumos.render import grayscale_map_image, overlay, signed_map_image
+    """Drawn as everywhere in lumos (``lumos.render.draw_map``): CAMs and region maps as a heat overlay,
+    pixel attributions as saliency at the image's size."""
+    from lumos.render import draw_map
 
-    if result.pixel:
-        if float(result.map.min()) < 0:
-            return signed_map_image(result.map, size=image.size).convert("RGB")
-        return grayscale_map_image(result.map, size=image.size).convert("RGB")
-    return overlay(image, result.map, colormap=colormap, alpha=alpha)
+    return draw_map(image, result.map, "pixel" if result.pixel else "layer", colormap, alpha)
 
 
 def feature_grid_image(bundle, image: Image.Image, layer: str = "auto", n: int = 16):

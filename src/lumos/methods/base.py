@@ -56,8 +56,9 @@ class Method:
         output: selects the tensor to explain when the model returns a tuple/dict (index, key or callable).
         labels: class names, so targets may be given as names.
         eval_mode: explain the model in eval mode (deterministic, per-image); mode restored after.
-        probs: how probabilities come from the output: ``"auto"`` (softmax; sigmoid for one output; the
-            output itself when it already lies in [0, 1]), ``"softmax"``, ``"sigmoid"`` or ``"none"``.
+        probs: how probabilities come from the output: ``"auto"`` (the output itself when the model ends in
+            a sigmoid or softmax; else softmax, sigmoid for a single output), ``"softmax"``, ``"sigmoid"`` or
+            ``"none"`` (scores only).
         layout: for layers whose output is not B x C x h x w, a function that makes it so (applied to
             activations and gradients alike).
     """

@@ -163,3 +163,28 @@ def grayscale_map_image(
         vmax = float(np.percentile(m, _check_percentile(clip_percentile)))
     unit = _resize(normalize_map(m, vmin, vmax), size)
     return Image.fromarray(np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def draw_map(
+    image: ImageLike,
+    map: MapLike,
+    kind: str = "layer",
+    colormap: str | Colormap = "jet",
+    alpha: float = 0.5,
+    size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """How lumos draws a map everywhere (CLI, app, tracker), by what the map is (``Explanation.kind``).
+
+    ``"layer"`` and ``"region"`` maps (CAMs, occlusion, RISE): a heat overlay on the image. ``"pixel"``
+    attributions: saliency on its own, grayscale (signed maps red/blue), since their detail hides under a
+    photo. ``size`` (width, height) defaults to the image's size.
+    """
+    pil = to_pil_image(image)
+    size = tuple(size or pil.size)  # type: ignore[assignment]
+    if kind == "pixel":
+        if float(np.min(to_numpy_map(map))) < 0:
+            return signed_map_image(map, size=size).convert("RGB")
+        return grayscale_map_image(map, size=size).convert("RGB")
+    if pil.size != size:
+        pil = pil.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return overlay(pil, map, colormap, alpha)

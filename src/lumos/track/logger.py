@@ -14,7 +14,8 @@ from torch import nn
 from lumos.api import explain, feature_maps
 from lumos.capture import model_guard
 from lumos.errors import LumosError
-from lumos.render import overlay
+from lumos.render import draw_map
+from lumos.targets import probabilities
 from lumos.track._guard import preserve_grads, preserve_rng
 from lumos.track.probe import (
     KerasAdapter,
@@ -180,12 +181,13 @@ class ExplanationLogger:
             raise LumosError("ExplanationLogger needs a classifier returning (batch, classes) logits.")
         out = out.detach().float().cpu()
         binary = out.shape[1] == 1
+        dist = probabilities(out)  # the library's one probability decision
         if binary:
-            p_pos = out[:, 0].sigmoid()
+            p_pos = dist[:, 0]
             preds = (p_pos > 0.5).long()
             probs = torch.stack([1 - p_pos, p_pos], 1)
         else:
-            probs = out.softmax(1)
+            probs = dist
             preds = probs.argmax(1)
         modes = {"true": ["true"], "pred": ["pred"], "both": ["true", "pred"]}[self.target]
         items: list[tuple[str, Image.Image, str]] = []
@@ -223,7 +225,8 @@ class ExplanationLogger:
                     c = int(classes[i])
                     head = f"{mode}: {self._name(c, binary)} ({float(probs[i, c]):.2f})"
                     img = upscale(self.display[i], self.display_size)
-                    panels[i].append(with_caption(overlay(img, maps[i].numpy(), self.colormap, self.alpha), head))
+                    panels[i].append(with_caption(draw_map(img, maps[i].numpy(), ex.kind, self.colormap, self.alpha),
+                                                  head))
             for i in range(b):
                 items.append((f"{self.prefix}/{method}/{i:02d}", with_caption(hstack(panels[i]), captions[i]),
                               captions[i]))

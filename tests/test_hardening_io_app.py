@@ -194,6 +194,8 @@ def test_evaluate_and_app_refuse_torchscript_before_running_it(scripted, tmp_pat
     with pytest.raises(ModelLoadError, match="TorchScript"):
         logic.load_bundle(logic.AppConfig(model=str(path)))
     for args in (["evaluate", "a.png", "--model", path, "--methods", "gradcam", "--steps", "2", "--out", "ev"],
+                 ["explain", "a.png", "--model", path, "--out", "ev"], ["layers", "--model", path],
+                 ["features", "a.png", "--model", path, "--out", "ev"],
                  ["app", "--model", path, "--port", _free_port()]):
         proc = _lumos(tmp_path, *args, timeout=120)
         err = _err_lines(proc)

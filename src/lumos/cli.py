@@ -370,9 +370,12 @@ _register_subcommands()
 
 
 def _cli_wording(message: str) -> str:
-    """A library message as the command line shows it: one line, the Python argument ``layer=`` as ``--layer``."""
+    """A library message as the command line shows it: one line, Python arguments (``layer=``, ``output=``,
+    ``probs=``) as their options (``--layer``, ...)."""
     one_line = re.sub(r"\s*[\r\n]+\s*", " ", str(message).strip())
-    return re.sub(r"(?<![\w./\\-])layer=(?:\s+|(?=['\"])|$)", "--layer ", one_line).rstrip()
+    for arg in ("layer", "output", "probs"):
+        one_line = re.sub(rf"(?<![\w./\\-]){arg}=(?:\s+|(?=['\"<])|$)", f"--{arg} ", one_line)
+    return one_line.rstrip()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

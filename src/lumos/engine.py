@@ -17,6 +17,7 @@ A method is math on top of this (see ``lumos.methods``): it says which forward i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -31,6 +32,19 @@ from lumos.explanation import Explanation, Kind
 from lumos.layers import Site
 from lumos.rules import Rule, RuleState, backward_rules, squash_watch
 from lumos.targets import OutputSpec, Target, Targets, TargetSpec, probability_kind, resolve_targets, select_output
+
+
+# Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
+# selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
+_SQUASHED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
+def _output_key(output: OutputSpec) -> str:
+    return f"{type(output).__name__}:{output!r}" if not callable(output) else f"callable:{id(output)}"
+
+
+def _known_squash(model: nn.Module, output: OutputSpec) -> bool | None:
+    return _SQUASHED.get(model, {}).get(_output_key(output))
 
 
 class GradientError(LumosError):
@@ -156,9 +170,12 @@ def forward(
             stack.enter_context(torch.no_grad())
             model_in = x
         cap = stack.enter_context(Capture({s.name: s.module for s in sites}, grad=grad_mode != "none"))
-        watch = stack.enter_context(squash_watch())
+        squashed = _known_squash(model, output)
+        watch = stack.enter_context(squash_watch()) if squashed is None else None
         out = select_output(model(model_in), output)
-    squashed = watch.produced(out)
+    if watch is not None:
+        squashed = watch.produced(out)
+        _SQUASHED.setdefault(model, {})[_output_key(output)] = squashed
     missing = [s.name for s in sites if s.name not in cap.activations]
     if missing:
         raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")

@@ -14,7 +14,7 @@ from torch import nn
 
 import lumos
 from lumos.engine import GradientError
-from tests.nets import GapNet
+from nets import GapNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 GRADIENT_METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "hirescam", "gradients", "gradient_x_input",

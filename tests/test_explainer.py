@@ -76,7 +76,7 @@ def test_spec_is_checked_when_built_and_leaves_its_inputs_alone():
 
 
 def test_method_objects_keep_no_call_state():
-    from tests.nets import GapNet
+    from nets import GapNet
 
     torch.manual_seed(0)
     net = GapNet(classes=4).eval()

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import Occlusion as CaptumOcclusion
-from tests.nets import GapNet
 
 import lumos
 from lumos.evaluate.benchmark import synthetic_benchmark
 from lumos.methods.rise import rise_masks
+from nets import GapNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

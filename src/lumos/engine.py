@@ -33,7 +33,6 @@ from lumos.layers import Site
 from lumos.rules import Rule, RuleState, backward_rules, squash_watch
 from lumos.targets import OutputSpec, Target, Targets, TargetSpec, probability_kind, resolve_targets, select_output
 
-
 # Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
 # selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
 _SQUASHED: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()

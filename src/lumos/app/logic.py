@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from lumos.errors import ImageError, LumosError
+from lumos.methods import display_name  # one display name per method, everywhere
 
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
@@ -33,28 +34,6 @@ UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
 EXAMPLES = ("chelsea", "coffee", "astronaut", "rocket")
 
 # Display names of the known methods; any other registered method shows under its own name.
-DISPLAY_NAMES = {
-    "cam": "CAM",
-    "gradcam": "Grad-CAM",
-    "gradcam++": "Grad-CAM++",
-    "xgradcam": "XGrad-CAM",
-    "layercam": "Layer-CAM",
-    "hirescam": "HiRes-CAM",
-    "scorecam": "Score-CAM",
-    "eigencam": "Eigen-CAM",
-    "gradients": "Gradients (saliency)",
-    "gradient_x_input": "Gradient x input",
-    "deconvnet": "DeconvNet",
-    "guided_backprop": "Guided backprop",
-    "guided_gradcam": "Guided Grad-CAM",
-    "integrated_gradients": "Integrated gradients",
-    "smoothgrad": "SmoothGrad",
-}
-
-
-def display_name(method: str) -> str:
-    return DISPLAY_NAMES.get(method, method)
-
 
 # --------------------------------------------------------------------------------------------- config
 

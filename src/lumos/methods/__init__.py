@@ -1,7 +1,7 @@
 """Explanation methods. Each registers itself by name in ``REGISTRY``."""
 
 from lumos.methods.activation_cams import CAM, EigenCAM
-from lumos.methods.base import REGISTRY, LayerMethod, Method, RegionMethod, method_class, methods
+from lumos.methods.base import REGISTRY, LayerMethod, Method, RegionMethod, display_name, method_class, methods
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
 from lumos.methods.occlusion import Occlusion
@@ -19,6 +19,7 @@ from lumos.methods.smoothgrad import SmoothGrad
 
 __all__ = [
     "Method",
+    "display_name",
     "method_class",
     "methods",
     "DeconvNet",

@@ -27,6 +27,33 @@ ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam":
            "hires-cam": "hirescam", "ig": "integrated_gradients", "guided-gradcam": "guided_gradcam"}
 
 
+DISPLAY_NAMES = {
+    "cam": "CAM",
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "Layer-CAM",
+    "hirescam": "HiRes-CAM",
+    "scorecam": "Score-CAM",
+    "eigencam": "Eigen-CAM",
+    "gradients": "Gradients (saliency)",
+    "gradient_x_input": "Gradient x input",
+    "deconvnet": "DeconvNet",
+    "guided_backprop": "Guided backprop",
+    "guided_gradcam": "Guided Grad-CAM",
+    "integrated_gradients": "Integrated gradients",
+    "smoothgrad": "SmoothGrad",
+    "occlusion": "Occlusion",
+    "rise": "RISE",
+}
+
+
+def display_name(method: str) -> str:
+    """The one name a person reads for a method (CLI tables, app, galleries): ``gradcam++`` -> ``Grad-CAM++``.
+    File names use the registered name itself."""
+    return DISPLAY_NAMES.get(method, method)
+
+
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: make a method available by its ``name`` in ``lumos.explain``."""
     REGISTRY[cls.name] = cls

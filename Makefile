@@ -1,26 +1,45 @@
 # All set-up happens here: `make demo` and `make test` work on a fresh clone.
+# Stamps install only what their targets need into the same .venv (a bigger one covers the smaller ones):
+#   demo: the library, the `lumos` command and the sample photos (core + samples extra), nothing else;
+#   app:  the same + Streamlit;
+#   test (and lint, bench, install): everything (trackers, Captum/torchcam references, Playwright, ruff,
+#         import-linter) and Debian's chromium for the browser test.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -qq --disable-pip-version-check
+TORCH := torch==2.13.0
+DEMO_STAMP := $(VENV)/.installed-demo
+APP_STAMP := $(VENV)/.installed-app
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bench lint clean app
 
+$(DEMO_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH) -e '.[samples]'
+	touch $(DEMO_STAMP)
+
+$(APP_STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH) -e '.[app]'
+	touch $(DEMO_STAMP) $(APP_STAMP)
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0 -e '.[dev]'
+	$(PIP) $(TORCH) -e '.[dev]'
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
-	touch $(STAMP)
+	touch $(DEMO_STAMP) $(APP_STAMP) $(STAMP)
 
 install: $(STAMP)
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/lumos demo --out out
 
 test: $(STAMP) lint
 	$(PY) -m pytest
 
-app: $(STAMP)
+app: $(APP_STAMP)
 	$(VENV)/bin/lumos app $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))
 
 bench: $(STAMP)

@@ -6,19 +6,22 @@ import html
 import io
 import json
 import re
+import subprocess
 import sys
 import zipfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 import lumos  # noqa: E402
+import lumos.zoo  # noqa: E402
 from lumos.app import SCRIPT, logic  # noqa: E402
-from lumos.errors import ImageError  # noqa: E402
+from lumos.errors import ImageError, LumosError  # noqa: E402
 
 CATS = ("Egyptian cat", "tabby", "tiger cat")
 TIMEOUT = 180  # generous: the machine is shared; nothing here asserts timings
@@ -59,7 +62,7 @@ def _top5(at: AppTest) -> list[tuple[str, int, float]]:
     """(class, index, probability) rows of the top-5 table; [] when there is none."""
     for md in at.markdown:
         if "lumos-top5" in md.value:
-            rows = re.findall(r"<tr><td>(.*?)</td><td[^>]*>(\d+)</td><td[^>]*>([\d.]+)</td>", md.value)
+            rows = re.findall(r"<tr><td[^>]*>(.*?)</td><td[^>]*>(\d+)</td><td[^>]*>([\d.]+)</td>", md.value)
             return [(html.unescape(n), int(i), float(p)) for n, i, p in rows]
     return []
 
@@ -80,21 +83,20 @@ def test_upload_predicts_and_explains_then_class_and_method_change(cat_jpeg):
     captions = _images(at)
     assert captions[0] == "original: chelsea.jpg"
     assert any(c.startswith("Grad-CAM @ _act1") for c in captions)
-    assert {b.label for b in at.get("download_button")} >= {"PNG", "raw .npy", "Download everything (ZIP)"}
+    assert {b.label for b in at.get("download_button")} >= {"PNG", "npy", "Download everything (ZIP)"}
 
     # another top-5 class in one click
     at.radio[0].set_value(2).run()
     assert not at.exception and not at.error
     assert f"**{table[2][1]}: " in _target_caption(at)
 
-    # any class by searching its name
-    espresso = next(n for n in at.selectbox(key="search").options if n.startswith("967:"))
-    at.selectbox(key="search").set_value(espresso).run()
+    # any class by searching its name: the best match is explained at once
+    at.text_input(key="search").input("espresso").run()
     assert "**967: espresso**" in _target_caption(at)
     assert at.radio[0].value is None  # the top-5 choice is cleared while a searched class is shown
     # clicking a top-5 class again clears the search
     at.radio[0].set_value(0).run()
-    assert "**285: " in _target_caption(at) and at.selectbox(key="search").value is None
+    assert "**285: " in _target_caption(at) and not at.text_input(key="search").value
 
     # change the methods: a second method appears beside Grad-CAM
     second = "guided_backprop" if "guided_backprop" in lumos.methods() else "gradcam++"
@@ -131,20 +133,114 @@ def test_model_that_fails_to_load_shows_message(monkeypatch):
     assert "Traceback" not in at.error[0].value
 
 
-def test_example_button_feature_maps_and_evaluation():
+def test_example_button_feature_maps_and_enlarge():
     at = _app()
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
-    assert _images(at)[0] == "original: chelsea.png"
+    assert _images(at)[:2] == ["original: chelsea.png", "Grad-CAM @ _act1"]
     at.toggle(key="feature_show").set_value(True).run()
     assert any("top 16 channels" in c for c in _images(at))
-    if logic.evaluation_available():
-        at.slider(key="eval_steps").set_value(5)
-        at.toggle(key="eval_show").set_value(True).run()
-        assert not at.exception and not at.error
-        aucs = at.dataframe[0].value
-        assert list(aucs.columns) == ["method", "deletion AUC", "insertion AUC"]
-        assert list(aucs["method"]) == ["Grad-CAM"] and aucs["deletion AUC"].between(0, 1).all()
+    # one map large, beside the original, in a dialog
+    at.button(key="big_gradcam").click().run()
+    assert not at.exception
+    assert _images(at).count("Grad-CAM @ _act1") == 2 and _images(at).count("original: chelsea.png") == 2
+
+
+@pytest.mark.skipif(not logic.evaluation_available(), reason="lumos.evaluate is not installed")
+def test_evaluation_runs_only_on_request(monkeypatch):
+    """Deletion/insertion cost two curves of forwards per method: not on every class change, only on the button."""
+    calls = []
+    real = logic.deletion_insertion
+
+    def counted(bundle, image, maps, target, steps=20):
+        calls.append((sorted(maps), target, steps))
+        return real(bundle, image, maps, target, steps)
+
+    monkeypatch.setattr(logic, "deletion_insertion", counted)
+    logic.CURVES.clear()
+    at = _app()
+    at.button(key="example_chelsea").click().run()
+    at.slider(key="eval_steps").set_value(5).run()
+    at.radio[0].set_value(1).run()  # class changes: nothing scored
+    assert calls == [] and not at.dataframe
+    at.button(key="eval_run").click().run()
+    assert not at.exception and not at.error
+    assert len(calls) == 1 and calls[0][1:] == (_top5(at)[1][1], 5)
+    aucs = at.dataframe[0].value
+    assert list(aucs.columns) == ["method", "deletion AUC", "insertion AUC"]
+    assert list(aucs["method"]) == ["Grad-CAM"] and aucs["deletion AUC"].between(0, 1).all()
+    at.radio[0].set_value(2).run()  # another class: the old curves go, nothing is scored until asked
+    assert len(calls) == 1 and not at.dataframe
+    assert any("Press the button to score" in c.value for c in at.caption)
+    at.radio[0].set_value(1).run()  # back to the scored class: its curves again, from the cache
+    assert len(calls) == 1 and len(at.dataframe) == 1
+
+
+def test_changing_the_layer_recomputes_only_methods_that_use_it(monkeypatch):
+    ran = []
+    real = logic.run_method
+
+    def counted(bundle, image, method, target, layer="auto", settings=None):
+        ran.append(method)
+        return real(bundle, image, method, target, layer, settings)
+
+    monkeypatch.setattr(logic, "run_method", counted)
+    at = _app()
+    at.button(key="example_coffee").click().run()
+    pixel = [m for m in ("gradients", "smoothgrad") if m in lumos.methods()]
+    at.session_state["set_smoothgrad_n_samples"] = 2  # the fewest samples: the test counts runs, not quality
+    at.multiselect(key="methods").set_value(["gradcam", *pixel]).run()
+    assert not at.exception and not at.error
+    assert set(pixel) <= set(ran)
+    ran.clear()
+    layer = next(n for n in at.selectbox(key="layer").options[1:] if n != "_act1")  # [0] is "auto (...)"
+    at.selectbox(key="layer").set_value(layer).run()
+    assert not at.exception and not at.error
+    assert ran == ["gradcam"]  # SmoothGrad and gradients ignore the layer: not recomputed
+    assert f"Grad-CAM @ {layer}" in _images(at)
+    ran.clear()
+    at.selectbox(key="colormap").set_value("viridis").run()  # display only
+    at.selectbox(key="layer").set_value("auto").run()  # back: all cached
+    assert ran == []
+
+
+def test_class_search_ranks_whole_words_and_prefixes_first():
+    from lumos.zoo import imagenet_labels
+
+    labels = imagenet_labels()
+    names = [f"{i}: {labels.full_name(i)}" for i in range(len(labels))]
+    found = [int(names[p].split(":")[0]) for p in logic.search_classes(names, "tiger")]
+    assert found[:4] == [292, 282, 3, 300]  # tiger, tiger cat, tiger shark, tiger beetle
+    assert 147 not in found  # grey whale (Eschrichtius gibbosus: t..i..g..e..r is no match)
+    assert [int(names[p].split(":")[0]) for p in logic.search_classes(names, "Tabby ")][0] == 281
+    assert logic.search_classes(names, "285")[0] == 285
+    assert logic.search_classes(names, "  ") == [] and logic.search_classes(names, "qqqzz") == []
+
+    at = _app()
+    at.button(key="example_chelsea").click().run()
+    at.text_input(key="search").input("tiger").run()
+    assert not at.exception and not at.error
+    options = at.selectbox(key="search_pick_tiger").options
+    assert [o.split(":")[0] for o in options] == ["292", "282", "3", "300"]
+    assert "**292: tiger**" in _target_caption(at)
+    at.selectbox(key="search_pick_tiger").select_index(2).run()
+    assert "**3: tiger shark**" in _target_caption(at)
+
+
+def test_model_choice_in_the_page(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["streamlit_app.py", "--model", "nets:GapNet", "--size", "32"])
+    at = AppTest.from_file(str(SCRIPT), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception and not at.error
+    box = at.selectbox(key="model")
+    assert box.options[0] == "nets:GapNet (size 32) [command line]"
+    assert box.options[1:] == lumos.zoo.models()
+    at.button(key="example_chelsea").click().run()
+    assert not at.exception and not at.error
+    assert _top5(at)[0][0].startswith("class ") and any(c.startswith("Grad-CAM @ features") for c in _images(at))
+    box.select_index(1).run()  # the first zoo model
+    assert not at.exception and not at.error
+    assert _top5(at)[0][0] in CATS and any(c.startswith("Grad-CAM @ _act1") for c in _images(at))
 
 
 # ------------------------------------------------------------------------------------ plain helpers
@@ -185,6 +281,73 @@ def test_parse_args_settings_and_command():
     cmd = app_command("efficientnet_lite0", 8765, labels="classes.txt")
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(SCRIPT)
     assert "8765" in cmd and cmd[cmd.index("--") + 1:] == ["--model", "efficientnet_lite0", "--labels", "classes.txt"]
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"  # this machine only, unless --host says otherwise
+    cmd = app_command("efficientnet_lite0", 8765, host="0.0.0.0", device="cpu")
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0" and cmd[-2:] == ["--device", "cpu"]
+    assert logic.parse_app_args(cmd[cmd.index("--") + 1:]).device == "cpu"
+
+
+def test_cli_passes_host_and_device_to_the_server(monkeypatch):
+    from typer.testing import CliRunner
+
+    from lumos.cli import app
+
+    seen = {}
+
+    class Exec(Exception):
+        pass
+
+    def fake_execv(path, argv):
+        seen["argv"] = argv
+        raise Exec
+
+    monkeypatch.setattr(logic, "load_bundle", lambda config: seen.setdefault("config", config))
+    monkeypatch.setattr("os.execv", fake_execv)
+    monkeypatch.setattr("subprocess.call", lambda argv: fake_execv(None, argv))
+    result = CliRunner().invoke(app, ["app", "--host", "0.0.0.0", "--port", "8765", "--device", "cpu"])
+    assert isinstance(result.exception, Exec), result.output
+    argv = seen["argv"]
+    assert argv[argv.index("--server.address") + 1] == "0.0.0.0" and argv[argv.index("--server.port") + 1] == "8765"
+    assert seen["config"].device == "cpu"
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_bad_device_is_one_line_and_rc_2(tmp_path, device):
+    proc = subprocess.run([sys.executable, "-m", "lumos.cli", "app", "--device", device, "--port", "8765"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert f"--device '{device}'" in lines[0] and "Traceback" not in proc.stderr
+    assert "URL" not in proc.stdout
+
+
+def test_the_app_uses_the_librarys_device_rule():
+    from lumos import explainer
+
+    assert logic.resolve_device is explainer.resolve_device and logic.model_device is explainer.model_device
+    assert logic.load_bundle(logic.AppConfig(model="nets:GapNet", size=32, device="cpu")).model.fc.weight.is_cpu
+    with pytest.raises(LumosError, match="gpu"):
+        logic.load_bundle(logic.AppConfig(model="nets:GapNet", size=32, device="gpu"))
+
+
+def test_count_forwards_reports_progress():
+    model = torch.nn.Linear(3, 2)
+    reports = []
+    with logic.count_forwards(model, lambda n, s: reports.append(n), every=0.0) as count:
+        for _ in range(4):
+            model(torch.zeros(1, 3))
+    model(torch.zeros(1, 3))  # the hook is gone afterwards
+    assert count == [4] and reports == [1, 2, 3, 4] and not model._forward_hooks
+
+
+def test_result_keys_depend_on_the_layer_only_for_layer_methods():
+    args = ("model", "hash")
+    for m in lumos.methods():
+        a = logic.result_key(*args, m, 1, "auto", {})
+        b = logic.result_key(*args, m, 1, "_act1", {})
+        assert (a != b) == lumos.method_class(m).uses_layer, m
+        assert logic.result_key(*args, m, 2, "auto", {}) != a  # the class always matters
+    assert logic.result_key(*args, "gradcam", 1, "auto", {"a": 1}) != logic.result_key(*args, "gradcam", 1, "auto", {})
 
 
 def test_cli_registers_app_command():
@@ -196,18 +359,20 @@ def test_cli_registers_app_command():
     assert result.exit_code == 0 and "--port" in result.output
 
 
-def test_zip_holds_everything():
+def test_zip_file_names_are_registered_method_names():
     img = Image.new("RGB", (40, 30), (200, 100, 50))
     res = logic.MethodResult("gradcam++", np.ones((8, 8), np.float32), np.zeros((2, 2), np.float32), 5, 0.5,
                              "_act1", False, {"relu": True})
     pic = logic.render_result(img, res)
     assert pic.size == img.size
-    data = logic.build_zip("cat.jpg", img, {"gradcam++": res}, {"gradcam++": pic}, [(5, "five", 0.5)])
+    results = {m: res for m in lumos.methods()}
+    data = logic.build_zip("cat.jpg", img, results, {m: pic for m in results}, [(5, "five", 0.5)])
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         names = set(zf.namelist())
-        assert names == {"original.png", "gradcampp.png", "gradcampp_map.npy", "gradcampp_raw.npy",
-                         "predictions.csv", "settings.json"}
-        assert np.load(io.BytesIO(zf.read("gradcampp_raw.npy"))).shape == (2, 2)
+        assert names == {"original.png", "predictions.csv", "settings.json"} | {
+            f"{m}{suffix}" for m in lumos.methods() for suffix in (".png", "_map.npy", "_raw.npy")}
+        assert {"gradcam++.png", "gradcam++_map.npy", "gradcam++_raw.npy"} <= names  # not gradcampp
+        assert np.load(io.BytesIO(zf.read("gradcam++_raw.npy"))).shape == (2, 2)
         meta = json.loads(zf.read("settings.json"))
         assert meta["methods"]["gradcam++"]["target"] == 5
 

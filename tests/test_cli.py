@@ -174,7 +174,8 @@ def test_topk_npy_gallery_and_two_methods(capsys, tmp_path, photos):
     for stem, (w, h) in (("rgb", (W, H)), ("rotated", (40, 60))):
         for method in ("gradcam", "layercam"):
             for k in (1, 2):
-                with Image.open(out_dir / f"{stem}_{method}_top{k}.png") as im:
+                (picture,) = out_dir.glob(f"{stem}_{method}_top{k}_*.png")  # the class name follows (issue 13)
+                with Image.open(picture) as im:
                     assert im.size == (w, h)
             maps = np.load(out_dir / f"{stem}_{method}.npy")
             assert maps.shape == (2, h, w)
@@ -306,7 +307,7 @@ def test_module_callable_model_with_weights_and_size(capsys, tmp_path, tiny_modu
     assert code == 0, out
     assert "class " in out  # numbered labels for a 5-class model
     assert np.load(tmp_path / "o" / "one_gradcam.npy").shape == (2, H, W)
-    with Image.open(tmp_path / "o" / "one_gradcam_top2.png") as im:
+    with Image.open(tmp_path / "o" / "one_gradcam_top2_class-1.png") as im:
         assert im.size == (W, H)
 
     code, _, err = _run(capsys, "explain", one_image, *common, "--layer", "features.9", "--out", tmp_path / "p")
@@ -350,7 +351,7 @@ def test_features_writes_a_grid(capsys, tmp_path, one_image):
     code, out, _ = _run(capsys, "features", one_image, "--n", "4", "--out", tmp_path / "f")
     assert code == 0
     assert "layer _act1" in out
-    assert (tmp_path / "f" / "one_features__act1.png").is_file()
+    assert (tmp_path / "f" / "one_features_act1.png").is_file()
 
 
 def test_features_of_same_named_images_do_not_overwrite(capsys, tmp_path):
@@ -360,7 +361,7 @@ def test_features_of_same_named_images_do_not_overwrite(capsys, tmp_path):
     code, _, _ = _run(capsys, "features", tmp_path / "a", tmp_path / "b", "--n", "4", "--out", tmp_path / "f")
     assert code == 0
     written = sorted(p.name for p in (tmp_path / "f").iterdir())
-    assert written == ["x_2_features__act1.png", "x_features__act1.png"]
+    assert written == ["x_2_features_act1.png", "x_features_act1.png"]
 
 
 # ------------------------------------------------------------------------------------- terminal, script

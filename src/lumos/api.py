@@ -46,7 +46,10 @@ class FeatureMaps:
 
 def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n: int = 16,
                  layout: Layout | None = None) -> FeatureMaps:
-    """Record a layer's feature maps for ``x`` and rank its channels by mean activation."""
+    """Record a layer's feature maps for ``x`` and rank its channels by mean activation.
+
+    A layer without spatial extent (1 x 1, e.g. global pooling) is a one-line :class:`LumosError`: it has
+    one value per channel, nothing to draw as a map."""
     n = positive_int("n", n)
     x = check_input(x)
     with guard(model), torch.no_grad():
@@ -59,5 +62,8 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n
     if site.name not in cap.activations:
         raise LumosError(f"Layer '{site.name}' did not run in the forward pass; choose another layer.")
     acts = site.to_map(cap.activations[site.name])
+    if acts.shape[-2:] == (1, 1):  # one value per channel: every "map" would be one flat square
+        raise LumosError(f"Layer '{site.name}' outputs {acts.shape[1]}x1x1: one value per channel, no spatial map "
+                         "to show; choose a layer whose output is larger than 1x1 (layer='auto' picks the last one).")
     top = acts.flatten(2).mean(2).topk(min(n, acts.shape[1]), dim=1).indices
     return FeatureMaps(acts, top, site.name)

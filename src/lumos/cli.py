@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 from typer.core import TyperCommand
 
 from lumos.cli_common import (
@@ -25,11 +25,17 @@ from lumos.cli_common import (
     _make_dir,
     _writing,
     err_console,
+    format_times,
+    on_tty,
     out_console,
+    parse_methods,
+    progress_bar,
 )
 from lumos.cli_options import (
+    DeviceOpt,
     LabelsOpt,
     MeanOpt,
+    MethodOpt,
     ModelOpt,
     OutputOpt,
     ProbsOpt,
@@ -54,20 +60,21 @@ COMMON_COLORMAPS = ("jet", "turbo", "viridis", "inferno", "magma", "plasma", "ho
 
 
 def _on_tty(console: Console) -> bool:
-    """A real interactive terminal: FORCE_COLOR alone must not put a progress bar into a log file."""
-    try:
-        return console.is_interactive and console.file.isatty()
-    except (AttributeError, ValueError):  # closed or unusual stream
-        return False
+    return on_tty(console)
 
 
 def _progress() -> Progress:
     """A progress bar with time left, on a real terminal only (``cli.err_console``)."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console, transient=True, disable=not _on_tty(err_console),
-    )
+    return progress_bar(err_console)
+
+
+def _check_scale(scale: str) -> None:
+    from lumos.render.scales import SCALES, check_scale
+
+    try:
+        check_scale(scale)
+    except ValueError:
+        raise LumosError(f"--scale {scale!r} is not known; use one of {', '.join(SCALES)}.") from None
 
 
 def _positive(value: int, option: str) -> None:
@@ -85,20 +92,6 @@ def _check_colormap(name: str) -> None:
                          f"Common ones: {', '.join(COMMON_COLORMAPS)}; any matplotlib colormap name works.")
 
 
-def _methods(text: str) -> list[str]:
-    """Method names from ``--method``, aliases resolved; a method given twice runs once (with a note)."""
-    from lumos.api import method_class
-    from lumos.runner import parse_list
-
-    names = [method_class(m).name for m in parse_list(text, what="method")]
-    unique = list(dict.fromkeys(names))
-    if len(unique) < len(names):
-        twice = [n for n in unique if names.count(n) > 1]
-        err_console.print(f"note: {', '.join(twice)} given more than once (aliases count as the same method); "
-                          "each method runs once.", highlight=False, markup=False)
-    return unique
-
-
 def _print_prediction(name: str, prediction) -> None:
     top = ", ".join(f"{label} {p:.2f}" for _, label, p in prediction.top)
     out_console.print(f"{name}: {top}", highlight=False)
@@ -108,8 +101,7 @@ def _print_prediction(name: str, prediction) -> None:
 def explain(
     images: Annotated[list[Path], typer.Argument(help="Image files or directories (walked recursively).")],
     model: ModelOpt = "efficientnet_lite0",
-    method: Annotated[str, typer.Option(
-        metavar="METHODS", help="Comma-separated methods (see `lumos methods`).")] = "gradcam",
+    method: MethodOpt = "gradcam",
     target: Annotated[str, typer.Option(
         metavar="CLASS", help="top1, topk:N, a class index, or a class name.")] = "top1",
     layer: Annotated[str, typer.Option(metavar="LAYER", help="auto or a layer name (see `lumos layers`).")] = "auto",
@@ -118,7 +110,11 @@ def explain(
     colormap: Annotated[str, typer.Option(metavar="NAME", help="Matplotlib colormap for overlays.")] = "jet",
     alpha: Annotated[float, typer.Option(metavar="0..1", help="Overlay opacity in [0, 1].")] = 0.5,
     batch_size: Annotated[int, typer.Option(metavar="N", help="Images per forward.")] = 8,
-    gallery: Annotated[bool, typer.Option(help="Also write gallery.png (rows = images).")] = False,
+    gallery: Annotated[bool, typer.Option(help="Also write gallery.png (a row per image and class).")] = False,
+    scale: Annotated[str, typer.Option(
+        metavar="shared|per-map|none", help="Colour scale of the pictures: shared (one scale per image and "
+        "method, so a class the model does not believe looks weak), per-map, or none.")] = "shared",
+    captions: Annotated[bool, typer.Option(help="Write each overlay with its caption and colour bar.")] = False,
     settings: SettingsOpt = None,
     output: OutputOpt = None,
     probs: ProbsOpt = "auto",
@@ -127,6 +123,7 @@ def explain(
     mean: MeanOpt = None,
     std: StdOpt = None,
     labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.io import find_images, load_image
@@ -137,7 +134,8 @@ def explain(
         raise LumosError(f"--alpha must be between 0 and 1, got {alpha}.")
     _positive(batch_size, "--batch-size")
     _check_colormap(colormap)
-    spec = _spec(model, method, settings, target, layer, output, probs, weights, size, mean, std, labels)
+    _check_scale(scale)
+    spec = _spec(model, method, settings, target, layer, output, probs, weights, size, mean, std, labels, device)
     _check_out(out)
     explainer = _explainer(spec)
     files, problems = find_images(images)
@@ -146,12 +144,13 @@ def explain(
         _make_dir(out)
     methods = spec.method_names
     with _progress() as progress, _writing(out):
-        task = progress.add_task("explaining", total=len(files) * len(methods))
-        times: dict[str, float] = {}
+        task = progress.add_task(f"explaining ({methods[0]})", total=len(files) * len(methods))
+        times: dict[str, float] = dict.fromkeys(methods, 0.0)
 
-        def on_method(name: str, seconds: float) -> None:
-            times[name] = times.get(name, 0.0) + seconds
-            progress.update(task, description=f"explaining ({name})")
+        def on_method(name: str, seconds: float) -> None:  # called as each method ends: name the next one
+            times[name] += seconds
+            following = methods[(methods.index(name) + 1) % len(methods)]
+            progress.update(task, description=f"explaining ({following})")
 
         def on_image(name: str, prediction, error: str | None) -> None:
             progress.advance(task, len(methods))
@@ -161,6 +160,7 @@ def explain(
         report = explain_images(
             explainer, [(str(f), _loader(load_image, f)) for f in files], out=out, save=formats,
             colormap=colormap, alpha=alpha, batch_size=batch_size, on_image=on_image, on_method=on_method,
+            scale=scale, captions=captions,
         )
     if gallery and report.results:
         with _writing(out):
@@ -168,6 +168,8 @@ def explain(
     failures += report.failures
     for _, reason in failures:
         err_console.print(f"error: {_cli_wording(reason)}", highlight=False, markup=False)
+    if report.results:
+        out_console.print(format_times(times), highlight=False)
     out_console.print(
         f"Explained {len(report.results)} image(s) with {len(methods)} method(s): "
         f"{len(report.written)} file(s) in {out}/" + (f"; {len(failures)} failed" if failures else ""),
@@ -179,17 +181,18 @@ def explain(
 
 def _spec(model: str, method: str, settings: list[str] | None, target: str, layer: str, output: str | None,
           probs: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
-          labels: Path | None):
-    """The explanation spec from the command line: every name and value checked before any model work."""
+          labels: Path | None, device: str | None = "auto"):
+    """The explanation spec from the command line: every name and value checked before any model work
+    (the device too: one that is not present is an error before the model loads)."""
     from lumos.explainer import ExplainSpec, ModelSpec
     from lumos.method_settings import parse_settings
 
-    methods = _methods(method)
+    methods = parse_methods(method)
     return ExplainSpec(
         model=ModelSpec(model, None if weights is None else str(weights), size, _floats(mean), _floats(std),
                         None if labels is None else str(labels)),
         methods=tuple(methods), settings=parse_settings(settings or [], methods), target=target, layer=layer,
-        output=_output(output), probs=probs,
+        output=_output(output), probs=probs, device=device,
     )
 
 
@@ -219,24 +222,33 @@ def _loader(load: Callable, path: Path) -> Callable:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output directory.")] = Path("out"),
-    method: Annotated[str, typer.Option(metavar="METHODS", help="Comma-separated methods.")] = DEMO_METHODS,
+    method: MethodOpt = DEMO_METHODS,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Explain the bundled sample photos with the bundled model; write overlays and gallery.png."""
     from lumos.io import sample_images
     from lumos.runner import explain_images, write_gallery
 
-    spec = _spec("efficientnet_lite0", method, None, "top1", "auto", None, "auto", None, None, None, None, None)
+    spec = _spec("efficientnet_lite0", method, None, "top1", "auto", None, "auto", None, None, None, None, None,
+                 device)
     _check_out(out)
     explainer = _explainer(spec)
     _make_dir(out)
+
+    times: dict[str, float] = dict.fromkeys(spec.method_names, 0.0)
 
     def on_image(name: str, prediction, error: str | None) -> None:
         if error is None:
             _print_prediction(name, prediction)
 
+    def on_method(name: str, seconds: float) -> None:
+        times[name] += seconds
+
     with _writing(out):
-        report = explain_images(explainer, list(sample_images().items()), out=out, on_image=on_image)
+        report = explain_images(explainer, list(sample_images().items()), out=out, on_image=on_image,
+                                on_method=on_method)
         path = write_gallery(report, out / "gallery.png", spec.method_names)
+    out_console.print(format_times(times), highlight=False)
     out_console.print(f"Wrote {len(report.written)} overlays and the gallery {path}", highlight=False)
 
 
@@ -248,6 +260,7 @@ def layers(
     mean: MeanOpt = None,
     std: StdOpt = None,
     all: Annotated[bool, typer.Option("--all", help="Also list layers without a 4-D map output.")] = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """List the model's layers with their output shapes (one dry forward); mark the auto choice."""
     import torch
@@ -255,9 +268,9 @@ def layers(
     from lumos.capture import model_guard
     from lumos.layers import LayerError, auto_layer, trace_layers
 
-    bundle = _load(model, weights, size, mean, std, None)
+    bundle = _load(model, weights, size, mean, std, None, device)
     h, w = bundle.preprocess.hw
-    x = torch.zeros(1, 3, h, w)
+    x = torch.zeros(1, 3, h, w, device=_device_of(bundle.model))
     with model_guard(bundle.model):
         infos = trace_layers(bundle.model, x)
         try:
@@ -306,20 +319,22 @@ def features(
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Write a grid of a layer's most active feature maps for each image."""
     import torch
 
     from lumos.api import feature_maps
     from lumos.io import find_images, load_image
-    from lumos.render import feature_grid
     from lumos.runner import RunReport
 
     _positive(n, "--n")
     _check_out(out)
-    bundle = _load(model, weights, size, mean, std, None)
+    bundle = _load(model, weights, size, mean, std, None, device)
+    where = _device_of(bundle.model)
     h, w = bundle.preprocess.hw
-    feature_maps(bundle.model, torch.zeros(1, 3, h, w), layer=layer, n=n)  # a bad layer fails once, not per image
+    # a bad layer, or one without a spatial map, fails once here, not per image
+    feature_maps(bundle.model, torch.zeros(1, 3, h, w, device=where), layer=layer, n=n)
     names = RunReport()  # unique output stems: a/x.png and b/x.png write x_... and x_2_...
     files, problems = find_images(images)
     failures = [f"{p}: {why}" for p, why in problems]
@@ -327,18 +342,40 @@ def features(
         _make_dir(out)
     for f in files:
         try:
-            fm = feature_maps(bundle.model, bundle.preprocess([load_image(f)]), layer=layer, n=n)
+            fm = feature_maps(bundle.model, bundle.preprocess([load_image(f)]).to(where), layer=layer, n=n)
         except LumosError as err:
             failures.append(str(err))
             continue
-        path = out / f"{names.stem(str(f))}_features_{fm.layer.replace('.', '_')}.png"
+        path = out / f"{names.stem(str(f))}_features_{_file_part(fm.layer)}.png"
         with _writing(out):
-            feature_grid(fm.activations[0], n=n, out=path)
+            _feature_grid(fm.activations[0].cpu(), n, path, f"{Path(f).name}, layer {fm.layer}")
         out_console.print(f"{f}: layer {fm.layer}, channels {fm.top_channels[0].tolist()} -> {path}", highlight=False)
     for reason in failures:
         err_console.print(f"error: {_cli_wording(reason)}", highlight=False, markup=False)
     if failures:
         raise typer.Exit(1)
+
+
+def _device_of(model):
+    from lumos.explainer import model_device
+
+    return model_device(model)
+
+
+def _file_part(name: str) -> str:
+    """A layer name as part of a file name: ``_blocks.15._project_conv`` -> ``blocks_15_project_conv`` (no
+    leading, trailing or doubled underscores, so ``chelsea_features_act1.png``, not ``..._features__act1``)."""
+    return re.sub(r"_+", "_", re.sub(r"[^\w-]+", "_", name)).strip("_") or "layer"
+
+
+def _feature_grid(activations, n: int, path: Path, title: str) -> None:
+    """Draw the grid titled with image and layer (when ``render.feature_grid`` takes a title)."""
+    import inspect
+
+    from lumos.render import feature_grid
+
+    kwargs = {"title": title} if "title" in inspect.signature(feature_grid).parameters else {}
+    feature_grid(activations, n=n, out=path, **kwargs)
 
 
 def _usage_errors() -> tuple[type[Exception], ...]:
@@ -373,7 +410,7 @@ def _cli_wording(message: str) -> str:
     """A library message as the command line shows it: one line, Python arguments (``layer=``, ``output=``,
     ``probs=``) as their options (``--layer``, ...)."""
     one_line = re.sub(r"\s*[\r\n]+\s*", " ", str(message).strip())
-    for arg in ("layer", "output", "probs"):
+    for arg in ("layer", "output", "probs", "device"):
         one_line = re.sub(rf"(?<![\w./\\-]){arg}=(?:\s+|(?=['\"<])|$)", f"--{arg} ", one_line)
     return one_line.rstrip()
 

@@ -1,7 +1,8 @@
 """``lumos app``: start the Streamlit web app (registered on the main Typer app by ``register``).
 
-The model is loaded once here first, so a bad ``--model`` (or weights, labels, ...) is a one-line error in the
-terminal instead of a server whose page shows it; Streamlit's own upload limit is set to the app's.
+The model is loaded once here first (on ``--device``), so a bad ``--model`` (or weights, labels, device, ...) is a
+one-line error in the terminal instead of a server whose page shows it; Streamlit's own upload limit is set to
+the app's.
 """
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ from typing import Annotated
 
 import typer
 
-from lumos.cli_options import LabelsOpt, MeanOpt, SizeOpt, StdOpt, WeightsOpt
+from lumos.cli_options import DeviceOpt, LabelsOpt, MeanOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
+
+DEFAULT_HOST = "127.0.0.1"
 
 
 def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Path | None = None,
                 size: int | None = None, mean: str | None = None, std: str | None = None,
-                labels: Path | None = None, browser: bool = False) -> list[str]:
-    """The ``streamlit run`` command line that serves the app (headless unless ``browser``).
+                labels: Path | None = None, browser: bool = False, host: str = DEFAULT_HOST,
+                device: str = "auto") -> list[str]:
+    """The ``streamlit run`` command line that serves the app on ``host:port`` (headless unless ``browser``).
 
     ``server.maxUploadSize`` is the app's own limit (``lumos.app.logic.MAX_UPLOAD_MB``), so the server refuses
     a bigger upload before reading it and the page states one limit.
@@ -30,11 +34,11 @@ def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Pa
     from lumos.app.logic import MAX_UPLOAD_MB
 
     cmd = [sys.executable, "-m", "streamlit", "run", str(SCRIPT), "--server.port", str(port),
-           "--server.address", "localhost", "--server.headless", "false" if browser else "true",
+           "--server.address", host, "--server.headless", "false" if browser else "true",
            "--server.maxUploadSize", str(MAX_UPLOAD_MB),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--model", model]
     for flag, value in (("--weights", weights), ("--size", size), ("--mean", mean), ("--std", std),
-                        ("--labels", labels)):
+                        ("--labels", labels), ("--device", None if device == "auto" else device)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
@@ -48,7 +52,11 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Option("--model", "-m", help="Zoo name or package.module:callable.")] = (
             "efficientnet_lite0"
         ),
-        port: Annotated[int, typer.Option(help="Port on localhost.")] = 8501,
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8501,
+        host: Annotated[str, typer.Option(
+            help="Address to listen on: 127.0.0.1 (this machine only) or 0.0.0.0 (every interface, for remote use; "
+                 "the page has no login).")] = DEFAULT_HOST,
+        device: DeviceOpt = "auto",
         weights: WeightsOpt = None,
         size: SizeOpt = None,
         mean: MeanOpt = None,
@@ -56,15 +64,19 @@ def register(app: typer.Typer) -> None:
         labels: LabelsOpt = None,
         browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
     ) -> None:
-        """Start the interactive saliency explorer (Streamlit) on http://localhost:PORT."""
+        """Start the interactive saliency explorer (Streamlit) on http://HOST:PORT (127.0.0.1:8501)."""
         try:
             import streamlit  # noqa: F401
         except ImportError:
             raise LumosError("The web app needs Streamlit: pip install 'lumos[app]'.") from None
         if not 0 < port < 65536:
             raise LumosError(f"--port must be between 1 and 65535, got {port}.")
-        cmd = app_command(model, port, weights, size, mean, std, labels, browser)
+        if not host.strip() or any(c.isspace() for c in host.strip()):
+            raise LumosError(f"--host must be an address such as 127.0.0.1 or 0.0.0.0, got '{host}'.")
         from lumos.app import logic
+
+        logic.resolve_device(device)  # a bad or absent device: one line, before the model is read (lumos.explainer)
+        cmd = app_command(model, port, weights, size, mean, std, labels, browser, host.strip(), device.strip().lower())
 
         # Load the model as the page will (same arguments, TorchScript refused before it is read), so a
         # mistake is a one-line error here; the memory goes with this process when it becomes the server.

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from lumos.cli_options import MeanOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
+from lumos.cli_options import DeviceOpt, MeanOpt, MethodOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
 BENCHMARKS = ("synthetic",)
@@ -22,9 +22,7 @@ DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
 def evaluate(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
     model: ModelOpt = "efficientnet_lite0",
-    methods: Annotated[
-        str, typer.Option(help="Comma-separated methods, or 'all' (see `lumos methods`).")
-    ] = DEFAULT_METHODS,
+    method: MethodOpt = DEFAULT_METHODS,
     benchmark: Annotated[str | None, typer.Option(help="Run a ground-truth benchmark instead: synthetic.")] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("evaluation"),
     sanity: Annotated[bool, typer.Option(help="Add the cascading randomisation test and sanity.png.")] = False,
@@ -38,22 +36,29 @@ def evaluate(
     mean: MeanOpt = None,
     std: StdOpt = None,
     settings: SettingsOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
-    """Which explanation can be trusted? Deletion/insertion, average drop, pointing game, sanity checks."""
-    from lumos.api import method_class
-    from lumos.api import methods as all_methods
-    from lumos.cli_common import _load, _make_dir, err_console, out_console
-    from lumos.evaluate.benchmark import evaluate_methods, synthetic_benchmark
-    from lumos.evaluate.report import format_table, plot_curves, plot_sanity, write_csv, write_json
-    from lumos.explainer import ExplainSpec, supply_objects
+    """Which explanation can be trusted, for this model? Deletion/insertion, average drop, pointing game, sanity
+    checks; a table, a plain-language reading and a recommended method."""
+    from lumos.cli_common import StepProgress, _load, _make_dir, err_console, format_times, out_console, parse_methods
+    from lumos.evaluate.benchmark import RANDOM, evaluate_methods, synthetic_benchmark
+    from lumos.evaluate.report import (
+        STAR_NOTE,
+        format_reading,
+        format_table,
+        plot_curves,
+        plot_sanity,
+        read_report,
+        write_csv,
+        write_json,
+    )
+    from lumos.explainer import ExplainSpec, resolve_device, supply_objects
     from lumos.method_settings import parse_settings
-    from lumos.runner import parse_list
 
-    names = all_methods() if methods.strip().lower() == "all" else [
-        method_class(m).name for m in parse_list(methods, what="method")
-    ]
+    names = parse_methods(method)
     method_kwargs = parse_settings(settings or [], names)
     ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work
+    where = resolve_device(device)
     if steps is not None and steps < 1 or batch_size < 1 or n < 1:
         raise LumosError("--steps, --batch-size and --n must be positive integers.")
     if tolerance is not None and tolerance < 0:
@@ -67,10 +72,12 @@ def evaluate(
             raise LumosError("Give either image files or --benchmark, not both.")
 
         _make_dir(out)
-        report = synthetic_benchmark(
-            names, n=n, steps=steps or 64, batch_size=batch_size,
-            tolerance=2.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
-        )
+        with StepProgress("evaluate", len(names) + 1, err_console) as progress:
+            report = synthetic_benchmark(
+                names, n=n, steps=steps or 64, batch_size=batch_size,
+                tolerance=2.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
+                on_method=progress.step, device=where,
+            )
         if sanity:
             from lumos.synthetic import make_dataset
 
@@ -84,7 +91,7 @@ def evaluate(
         from lumos.zoo import refuse_torchscript
 
         refuse_torchscript(model)  # no hooks on a ScriptModule: refuse the file before any code in it runs
-        bundle = _load(model, weights, size, mean, std, None)
+        bundle = _load(model, weights, size, mean, std, None, str(where))
         method_kwargs = supply_objects(method_kwargs, preprocess=bundle.preprocess)
         if layer != "auto":
             from lumos.layers import resolve_layers
@@ -104,21 +111,26 @@ def evaluate(
             for reason in bad_inputs:
                 err_console.print(f"error: {reason}", highlight=False, markup=False)
             raise typer.Exit(2)
-        x = torch.cat(tensors)
+        x = torch.cat(tensors).to(where)
         _make_dir(out)
-        report = evaluate_methods(
-            bundle.model, x, names, layer=layer, steps=steps or 100, batch_size=batch_size,
-            tolerance=15.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
-        )
-        report.meta.update({"model": model, "images": [str(f) for f in loaded]})
-        picture = bundle.preprocess.denormalize(x[:1])[0].permute(1, 2, 0).numpy()
+        with StepProgress("evaluate", len(names) + 1, err_console) as progress:
+            report = evaluate_methods(
+                bundle.model, x, names, layer=layer, steps=steps or 100, batch_size=batch_size,
+                tolerance=15.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
+                on_method=progress.step,
+            )
+        report.meta.update({"model": model, "images": [str(f) for f in loaded], "device": str(where)})
+        picture = bundle.preprocess.denormalize(x[:1].cpu())[0].permute(1, 2, 0).numpy()
     for name, why in report.failures.items():
         err_console.print(f"warning: {name} skipped: {why}", highlight=False, markup=False)
     for reason in bad_inputs:
         err_console.print(f"error: {reason}", highlight=False, markup=False)
     if not report.rows:
         raise LumosError("No method could be evaluated.")
-    out_console.print(format_table(report) + "\n(* = best per column)", highlight=False, markup=False)
+    out_console.print(format_table(report) + "\n" + STAR_NOTE, highlight=False, markup=False)
+    out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
+                      highlight=False, markup=False)
+    out_console.print("\n" + "\n".join(format_reading(read_report(report), _how)), highlight=False, markup=False)
     written = [write_csv(report, out / "evaluation.csv"), write_json(report, out / "evaluation.json"),
                plot_curves(report, out / "curves.png")]
     if sanity and report.sanity:
@@ -127,6 +139,10 @@ def evaluate(
                       + (f"; {len(bad_inputs)} input(s) failed" if bad_inputs else ""), highlight=False)
     if bad_inputs:
         raise typer.Exit(1)
+
+
+def _how(names: list[str]) -> str:
+    return " or ".join(f"--method {n}" for n in names)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,14 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 ModelOpt = Annotated[str, typer.Option(
-    "--model", "-m", metavar="MODEL", help="Zoo name, TorchScript file, or package.module:callable.")]
+    "--model", "-m", metavar="MODEL",
+    help="Zoo name (see `lumos models`) or package.module:callable (a module in the current folder works).")]
+MethodOpt = Annotated[str, typer.Option(
+    "--method", "--methods", metavar="METHODS",
+    help="Comma-separated methods or aliases, or all (see `lumos methods`).")]
+DeviceOpt = Annotated[str, typer.Option(
+    "--device", metavar="auto|cpu|cuda[:N]|mps",
+    help="Where the model runs; auto: the first CUDA GPU when there is one, else the CPU.")]
 WeightsOpt = Annotated[Path | None, typer.Option(metavar="FILE", help="State-dict file for a module:callable model.")]
 SizeOpt = Annotated[int | None, typer.Option(metavar="PIXELS", help="Input size for a user model (square).")]
 MeanOpt = Annotated[str | None, typer.Option(metavar="R,G,B", help="Normalisation mean, e.g. 0.485,0.456,0.406.")]

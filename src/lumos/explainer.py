@@ -75,6 +75,50 @@ def supply_objects(settings: Mapping[str, Mapping[str, Any]], preprocess: Any) -
     return out
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(text: str | torch.device | None = "auto") -> torch.device:
+    """Device text -> a ``torch.device`` that is present here, or a one-line :class:`LumosError`.
+
+    ``auto`` (or None) is the first CUDA device when torch sees one, else the CPU; ``cpu``; ``cuda`` / ``cuda:N``;
+    ``mps`` (Apple GPUs). A device this machine does not have is an error, never a silent fall-back to the CPU.
+    Front ends call it once, before any model work (``lumos explain --device``, ``lumos app --device``).
+    """
+    if isinstance(text, torch.device):
+        text = str(text)
+    key = "auto" if text is None else str(text).strip().lower()
+    if key == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if key == "cpu":
+        return torch.device("cpu")
+    kind, _, index = key.partition(":")
+    if kind == "cuda" and (not index or index.isdigit()):
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "torch sees no CUDA device"
+            raise LumosError(f"device='{text}' is not available: {why}; use device='cpu' or 'auto'.")
+        count = torch.cuda.device_count()
+        if index and int(index) >= count:
+            raise LumosError(f"device='{text}' is not available: this machine has {count} CUDA device(s), "
+                             f"cuda:0 to cuda:{count - 1}.")
+        return torch.device(key if index else "cuda:0")
+    if key == "mps" and not index:
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise LumosError(f"device='{text}' is not available: torch sees no Apple GPU (MPS); use device='cpu' "
+                             "or 'auto'.")
+        return torch.device("mps")
+    raise LumosError(f"Unknown device='{text}'; use {DEVICE_CHOICES}.")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model with neither."""
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    return torch.device("cpu") if tensor is None else tensor.device
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which model: a zoo name, a ``package.module:callable`` (with ``weights``) or a file, plus the
@@ -120,6 +164,10 @@ class ExplainSpec:
         output: selects the tensor to explain from a tuple/dict output (index or key).
         probs: ``auto``, ``softmax``, ``sigmoid`` or ``none`` (see ``lumos.targets.probability_kind``).
         top_k: how many top classes the predictions list.
+        device: where the model and the images go (see :func:`resolve_device`): ``auto`` (CUDA when present,
+            else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; None leaves the model where it is and
+            sends the images to the model's device. A device that is not present is an error when the spec
+            is built.
     """
 
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -130,6 +178,7 @@ class ExplainSpec:
     probs: str = "auto"
     top_k: int = 3
     settings: Mapping[str, Mapping[str, Any]] | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         model = ModelSpec(self.model) if isinstance(self.model, str) else self.model
@@ -156,6 +205,9 @@ class ExplainSpec:
         object.__setattr__(self, "settings", None)
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "top_k", positive_int("top_k", self.top_k))
+        if self.device is not None:  # checked here (present on this machine); resolved where the model loads
+            resolve_device(self.device)
+            object.__setattr__(self, "device", str(self.device).strip().lower())
         if not isinstance(self.layer, str) or not self.layer.strip():
             raise LumosError(f"layer must be 'auto' or a layer name, got {self.layer!r}.")
 
@@ -260,6 +312,8 @@ class Explainer:
         self.spec = spec
         self.bundle = bundle if bundle is not None else spec.model.load()
         self.model: nn.Module = self.bundle.model
+        if spec.device is not None:
+            self.model.to(resolve_device(spec.device))
         self.labels = self.bundle.labels
         self._check_choices()
         self._layer: str | None = None if spec.layer == "auto" else spec.layer
@@ -308,10 +362,15 @@ class Explainer:
         """The layer the CAMs explain (known after the first batch for ``"auto"``)."""
         return self._layer
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (the images are moved there): the spec's device, else the model's own."""
+        return model_device(self.model)
+
     def preprocess(self, images: Sequence[Image.Image] | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return images
-        return self.bundle.preprocess(list(images))
+        """PIL images (or an already preprocessed tensor) -> a batch on the model's device."""
+        x = images if isinstance(images, torch.Tensor) else self.bundle.preprocess(list(images))
+        return x.to(self.device)
 
     def __call__(self, images: Sequence[Image.Image] | torch.Tensor, on_method: Any = None) -> BatchResult:
         """Explain a batch: ``images`` as PIL images or an already preprocessed (B, C, H, W) tensor.
@@ -358,5 +417,5 @@ def predict(model: nn.Module, x: torch.Tensor, labels: Sequence[str] | None = No
 
 
 __all__ = ["BatchResult", "ExplainSpec", "Explainer", "MethodSpec", "ModelSpec", "Prediction", "accepted_settings",
-           "build_method", "check_method_settings", "check_setting_types", "parse_target", "predict", "supply_objects",
-           "top_predictions"]
+           "build_method", "check_method_settings", "check_setting_types", "model_device", "parse_target", "predict",
+           "resolve_device", "supply_objects", "top_predictions"]

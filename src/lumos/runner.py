@@ -7,19 +7,34 @@ a failure and the others still go through.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
-from lumos.render import draw_map, gallery
+from lumos.methods import display_name
+from lumos.render import (
+    DEFAULT_SCALE,
+    MapScale,
+    check_scale,
+    color_scale,
+    color_scales,
+    draw_map,
+    gallery,
+    map_scales,
+    picture,
+    save_png,
+)
+from lumos.targets import TOPK
 
 log = logging.getLogger(__name__)
 SAVE_FORMATS = ("png", "npy")
@@ -27,23 +42,36 @@ SAVE_FORMATS = ("png", "npy")
 
 @dataclass
 class ImageResult:
-    """What was produced for one image."""
+    """What was produced for one image, per method one entry per map (its classes, best first).
+
+    ``captions`` are the picture captions (class and probability, then the map's peak on its colour scale
+    and any note), ``scales`` how each map was drawn (:class:`~lumos.render.MapScale`: the display values,
+    raw peak, top of the scale), ``classes`` the class each map explains (None for callable targets).
+    ``references`` holds, when an explicitly chosen class is not the image's top class, the top class's map
+    (drawn and captioned on the same scale) that galleries show beside it.
+    """
 
     name: str
     image: Image.Image
     prediction: Prediction
     overlays: dict[str, list[Image.Image]] = field(default_factory=dict)
     captions: dict[str, list[str]] = field(default_factory=dict)
+    scales: dict[str, list[MapScale]] = field(default_factory=dict)
+    classes: dict[str, list[int | None]] = field(default_factory=dict)
+    references: dict[str, tuple[Image.Image, str]] = field(default_factory=dict)  # top class's map, for comparison
 
 
 @dataclass
 class RunReport:
-    """Outcome of a run: results per image, failures (name, reason) and files written."""
+    """Outcome of a run: results per image, failures (name, reason) and files written; ``scale`` and
+    ``colormap`` say how the pictures were drawn (galleries draw their colour bars from them)."""
 
     results: list[ImageResult] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     stems: dict[str, str] = field(default_factory=dict)  # image name -> output file stem
+    scale: str = DEFAULT_SCALE
+    colormap: str = "jet"
 
     def stem(self, name: str) -> str:
         """Output file stem for an image: its file name without extension, made unique within the run."""
@@ -88,12 +116,56 @@ def _safe(text: str) -> str:
     return safe.rstrip("_ .") or "x"
 
 
-def _caption(ex: Explanation, j: int, labels: Sequence[str] | None) -> str:
-    if ex.targets is None:
-        return f"score {float(ex.scores[j]):.3g}"
-    cls = int(ex.targets[j])
-    name = labels[cls] if labels is not None else f"class {cls}"
-    return f"{name} {float(ex.probs[j]):.2f}"
+def _class_slug(name: str) -> str:
+    """A class name for a file name: ``Egyptian cat`` -> ``Egyptian-cat`` (at most 60 bytes)."""
+    slug = _safe("-".join(name.split()))
+    while len(slug.encode("utf-8")) > 60:
+        slug = slug[:-1]
+    return slug.rstrip("-_ .") or "x"
+
+
+def _label(labels: Sequence[str] | None, cls: int | None) -> str:
+    if cls is None:
+        return "the target"
+    return labels[cls] if labels is not None and 0 <= cls < len(labels) else f"class {cls}"
+
+
+def _share(rel: float) -> str:
+    return "<1%" if rel * 100 < 1 else f"{rel * 100:.0f}%"
+
+
+def _caption(ex: Explanation, j: int, labels: Sequence[str] | None, scale: MapScale | None = None,
+             rank: int = 0, per_image: int = 1) -> str:
+    """The caption of map ``j``: ``[top-2: ]class probability``, then (with ``scale``) its raw peak on its
+    colour scale, and a note when the map is the same as another class's (the method ignores the class)."""
+    cls = None if ex.targets is None else int(ex.targets[j])
+    if cls is None:
+        head = f"score {float(ex.scores[j]):.3g}"
+    elif ex.probs is None:
+        head = f"{_label(labels, cls)} score {float(ex.scores[j]):.3g}"
+    else:
+        head = f"{_label(labels, cls)} {float(ex.probs[j]):.2f}"
+    lines = [f"top-{rank + 1}: {head}" if per_image > 1 else head]
+    if scale is None:
+        return lines[0]
+    if math.isfinite(scale.peak):
+        peak = f"peak {scale.peak:.3g}"
+        rel = scale.relative
+        if scale.mode == "per-map":
+            lines.append(f"{peak} (own scale)")
+        elif scale.mode == "none" or not math.isfinite(rel):
+            lines.append(peak)
+        elif scale.top_class is not None and scale.top_class != cls:
+            lines.append(f"{peak} = {_share(rel)} of {_label(labels, scale.top_class)}'s")
+        elif rel < 0.9995:
+            lines.append(f"{peak} = {_share(rel)} of the scale")
+        else:  # this map sets the scale; say so only when others share it
+            lines.append(f"{peak} = top of scale" if per_image > 1 or scale.top_class != cls else peak)
+    if scale.same_as is not None:
+        lines.append(f"same map as {_label(labels, scale.same_as)}: ignores the class")
+    if scale.note:
+        lines.append(scale.note)
+    return "\n".join(lines)
 
 
 def explain_images(
@@ -107,19 +179,32 @@ def explain_images(
     batch_size: int = 8,
     on_image: Callable[[str, Prediction | None, str | None], None] | None = None,
     on_method: Callable[[str, float], None] | None = None,
+    scale: str = DEFAULT_SCALE,
+    captions: bool = False,
 ) -> RunReport:
     """Explain images in batches with an :class:`~lumos.explainer.Explainer`; write overlays (and .npy maps).
 
     ``items`` yields (name, image) or (name, loader); a loader that raises ``LumosError`` becomes a
     failure of that image only. ``on_image(name, prediction, error)`` is called once per image and
     ``on_method(name, seconds)`` once per method and batch.
+
+    ``scale`` is how pictures are coloured (:func:`lumos.render.map_scales`): ``"shared"`` (default) puts the
+    maps of one image and method on one scale -- its top-k classes, or an explicitly chosen class together
+    with the image's top class (whose map is then computed too, one more run of each method, so a class the
+    model gives 0.00 is drawn on the top class's scale) -- ``"per-map"`` scales each map on its own,
+    ``"none"`` draws the method's maps as they are. ``captions=True`` writes each PNG with its caption (class,
+    probability, peak) and colour bar under the map. Top-k PNGs are named ``STEM_METHOD_topK_CLASS.png``.
     """
-    report = RunReport()
+    try:
+        scale = check_scale(scale)
+    except ValueError as err:
+        raise LumosError(str(err)) from None
+    report = RunReport(scale=scale, colormap=colormap)
     batch: list[tuple[str, Image.Image]] = []
 
     def flush() -> None:
         if batch:
-            _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method)
+            _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method, captions)
             batch.clear()
 
     for name, source in items:
@@ -154,28 +239,77 @@ def _at_image_size(maps: torch.Tensor, image: Image.Image, max_side: int | None 
 
 
 def render_map(image: Image.Image, ex: Explanation, j: int, colormap: str = "jet", alpha: float = 0.5,
-               max_side: int | None = None) -> Image.Image:
+               max_side: int | None = None, *, scale: MapScale | None = None) -> Image.Image:
     """Map ``j`` drawn for reading at the image size, its long side capped at ``max_side`` pixels.
 
     Layer and region maps (CAMs, occlusion, RISE) become a heat overlay on the photo; pixel attributions
     (``ex.kind == "pixel"``) become grayscale saliency, as in the papers, since their detail hides under a photo.
-    ``max_side=None`` uses ``$LUMOS_MAX_SIDE`` or 4096 (see :func:`lumos.io.default_max_side`); 0: no cap.
+    ``scale`` (from :func:`lumos.render.map_scales`) draws the map's display values on their fixed range
+    (0..1, -1..1 signed); without it the map is scaled on its own. ``max_side=None`` uses ``$LUMOS_MAX_SIDE``
+    or 4096 (see :func:`lumos.io.default_max_side`); 0: no cap.
     """
     from lumos.io import default_max_side, fit_size
 
     size = fit_size(image.size, default_max_side() if max_side is None else max_side)
-    return draw_map(image, ex.maps[j], ex.kind, colormap, alpha, size=size)
+    if scale is None:
+        return draw_map(image, ex.maps[j], ex.kind, colormap, alpha, size=size)
+    vmin = -1.0 if scale.signed else 0.0
+    return draw_map(image, scale.values, ex.kind, colormap, alpha, size=size, vmin=vmin, vmax=1.0)
 
 
-def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method):
-    result = explainer([im for _, im in batch], on_method=on_method)
+def _explicit_class(explainer: Explainer) -> bool:
+    """Whether the run explains a class chosen by the user (not the top-1 or top-k classes)."""
+    target = explainer.spec.target
+    return target is not None and not (isinstance(target, str) and TOPK.fullmatch(target.lower()))
+
+
+def _references(explainer: Explainer, images: list[Image.Image], result, on_method) -> dict[str, Explanation]:
+    """Per method, the maps of the images' top class for the images whose explained class is another one,
+    so the explained map can share the top class's colour scale (``image_index`` refers to the batch)."""
+    first = next(iter(result.explanations.values()))
+    if not _explicit_class(explainer) or first.targets is None:
+        return {}
+    need = [i for i, p in enumerate(result.predictions)
+            if p.top and int(p.top[0][0]) != int(first.targets[int((first.image_index == i).nonzero()[0, 0])])]
+    if not need:
+        return {}
+    import time
+
+    x = explainer.preprocess(images)
+    refs = {}
+    for name, method in explainer.methods(x).items():
+        start = time.perf_counter()
+        ref = method(x[need], None).cpu()
+        ref.image_index = torch.tensor(need)
+        refs[name] = ref
+        if on_method is not None:
+            on_method(name, time.perf_counter() - start)
+    return refs
+
+
+def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method, captions=False):
+    images = [im for _, im in batch]
+    result = explainer(images, on_method=on_method)
     results = [ImageResult(n, im, p) for (n, im), p in zip(batch, result.predictions, strict=True)]
     labels = explainer.labels
+    refs = _references(explainer, images, result, on_method) if report.scale == "shared" else {}
     for name, ex in result.explanations.items():
+        scales = map_scales(ex, report.scale, refs.get(name))
+        if name in refs:  # the top class's map on the same scale, for the gallery
+            ref = refs[name]
+            for j, s in enumerate(map_scales(ref, report.scale, reference=ex)):
+                res = results[int(ref.image_index[j])]
+                caption = _caption(ref, j, labels, replace(s, same_as=None))
+                res.references[name] = (render_map(res.image, ref, j, colormap, alpha, scale=s),
+                                        f"top class: {caption}")
+        index = [int(i) for i in ex.image_index]
         for j in range(len(ex)):
-            res = results[int(ex.image_index[j])]
-            res.overlays.setdefault(name, []).append(render_map(res.image, ex, j, colormap, alpha))
-            res.captions.setdefault(name, []).append(_caption(ex, j, labels))
+            res = results[index[j]]
+            rank, per_image = index[:j].count(index[j]), index.count(index[j])
+            res.overlays.setdefault(name, []).append(render_map(res.image, ex, j, colormap, alpha, scale=scales[j]))
+            res.captions.setdefault(name, []).append(_caption(ex, j, labels, scales[j], rank, per_image))
+            res.scales.setdefault(name, []).append(scales[j])
+            res.classes.setdefault(name, []).append(None if ex.targets is None else int(ex.targets[j]))
         if out is not None and "npy" in save:
             for i, res in enumerate(results):
                 path = out / f"{report.stem(res.name)}_{_safe(name)}.npy"
@@ -183,24 +317,67 @@ def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, o
                 report.written.append(path)
     for res in results:
         if out is not None and "png" in save:
-            for method, images in res.overlays.items():
-                for k, img in enumerate(images):
-                    suffix = f"_top{k + 1}" if len(images) > 1 else ""
-                    path = out / f"{report.stem(res.name)}_{_safe(method)}{suffix}.png"
-                    img.save(path, compress_level=1)
+            for method, images_ in res.overlays.items():
+                for k, img in enumerate(images_):
+                    path = out / f"{report.stem(res.name)}_{_safe(method)}{_top_suffix(res, method, k, labels)}.png"
+                    if captions:
+                        s = res.scales[method][k]
+                        picture(img, res.captions[method][k], color_scale(s.mode, s.kind, s.signed, colormap), out=path)
+                    else:
+                        img.save(path, compress_level=1)
                     report.written.append(path)
         report.results.append(res)
         if on_image:
             on_image(res.name, res.prediction, None)
 
 
+def _top_suffix(res: ImageResult, method: str, k: int, labels: Sequence[str] | None) -> str:
+    """``_top2_tiger-cat`` for the second of several maps per image (the class it explains), else nothing."""
+    if len(res.overlays[method]) == 1:
+        return ""
+    cls = res.classes[method][k]
+    return f"_top{k + 1}" + ("" if cls is None else f"_{_class_slug(_label(labels, cls))}")
+
+
+def _ignores_class(report: RunReport, method: str) -> bool:
+    return any(s.same_as is not None for r in report.results for s in r.scales.get(method, []))
+
+
 def write_gallery(report: RunReport, path: Path, methods: Sequence[str]) -> Path:
-    """One PNG: rows = images, columns = methods (first overlay of each), titled by class and probability."""
+    """One PNG (see :func:`gallery_figure`) written to ``path``; returns the path."""
+    save_png(gallery_figure(report, methods), path)
+    return path
+
+
+def gallery_figure(report: RunReport, methods: Sequence[str]) -> Figure:
+    """Per image its original and one row per explained class (all top-k; an explicitly chosen class is
+    followed by the image's top class on the same scale), one column per method.
+
+    Cells are captioned with class, probability and peak; colour bars say what the colours mean on the run's
+    scale; a note names methods that ignore the class. Drawn by :func:`lumos.render.gallery`.
+    """
     rows = report.results
     if not rows:
         raise LumosError("No image was explained, so there is no gallery to draw.")
-    columns = {m: [r.overlays[m][0] for r in rows] for m in methods}
-    cell_titles = [[r.captions[m][0] for m in methods] for r in rows]
-    row_titles = [f"{r.name}: {r.prediction.top[0][1]} {r.prediction.top[0][2]:.2f}" for r in rows]
-    gallery([r.image for r in rows], columns, row_titles=row_titles, cell_titles=cell_titles, out=path)
-    return path
+    cells, cell_titles, per_image = [], [], []
+    for r in rows:
+        k = max(len(r.overlays[m]) for m in methods)
+        with_ref = all(m in r.references for m in methods)
+        per_image.append(k + int(with_ref))
+        for i in range(k):
+            cells.append([r.overlays[m][i] if i < len(r.overlays[m]) else Image.new("RGB", r.overlays[m][0].size,
+                                                                                   "white") for m in methods])
+            cell_titles.append([r.captions[m][i] if i < len(r.captions[m]) else "" for m in methods])
+        if with_ref:  # an explicitly chosen class, then the top class on the same scale
+            cells.append([r.references[m][0] for m in methods])
+            cell_titles.append([r.references[m][1] for m in methods])
+    row_titles = [f"{r.name}: {r.prediction.top[0][1]} {r.prediction.top[0][2]:.2f}" if r.prediction.top else r.name
+                  for r in rows]
+    bars = color_scales([s for r in rows for m in methods for s in r.scales.get(m, [])], report.colormap)
+    agnostic = [display_name(m) for m in methods if _ignores_class(report, m)]
+    note = None
+    if agnostic:
+        note = (f"{', '.join(agnostic)} ignore{'s' if len(agnostic) == 1 else ''} the class: the maps for different "
+                "classes of one image are the same map.")
+    return gallery([r.image for r in rows], cells, row_titles=row_titles, col_titles=[display_name(m) for m in methods],
+                   cell_titles=cell_titles, rows_per_image=per_image, colorbars=bars, note=note)

@@ -13,8 +13,12 @@ import io
 import json
 import re
 import tempfile
+import threading
+import time
 import zipfile
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ import torch
 from PIL import Image
 
 from lumos.errors import ImageError, LumosError
+from lumos.explainer import model_device, resolve_device  # the one device rule of every front end
 from lumos.methods import display_name  # one display name per method, everywhere
 
 MAX_UPLOAD_MB = 20
@@ -32,8 +37,6 @@ MAX_PIXELS = 40_000_000  # 40 megapixels
 DISPLAY_MAX_SIDE = 1024  # larger images are shrunk once after decoding (maps are computed at model size anyway)
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
 EXAMPLES = ("chelsea", "coffee", "astronaut", "rocket")
-
-# Display names of the known methods; any other registered method shows under its own name.
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -48,6 +51,41 @@ class AppConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     labels: str | None = None
+    device: str = "auto"
+
+    def key(self) -> str:
+        """A stable text key for caches (every field, so two configurations never share results)."""
+        return json.dumps(self.__dict__, sort_keys=True, default=list)
+
+    @classmethod
+    def from_key(cls, key: str) -> AppConfig:
+        fields = json.loads(key)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def model_choices(config: AppConfig) -> list[AppConfig]:
+    """The models the page offers: the one given on the command line first, then the other zoo models.
+
+    A zoo model given on the command line with its own options (weights, size, ...) stays a separate entry
+    from the plain zoo model; every entry runs on the command line's device.
+    """
+    from lumos.zoo import models
+
+    choices = [config]
+    for name in models():
+        plain = AppConfig(model=name, device=config.device)
+        if plain != config:
+            choices.append(plain)
+    return choices
+
+
+def model_label(config: AppConfig, first: AppConfig | None = None) -> str:
+    """How a model choice reads in the page: its name, plus what the command line gave it."""
+    extra = [f"{k} {v if not isinstance(v, tuple) else ','.join(map(str, v))}"
+             for k, v in (("weights", config.weights), ("size", config.size), ("mean", config.mean),
+                          ("std", config.std), ("labels", config.labels)) if v is not None]
+    label = config.model + (f" ({'; '.join(extra)})" if extra else "")
+    return label + (" [command line]" if first is not None and config == first and extra else "")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
@@ -68,20 +106,23 @@ def parse_app_args(argv: Sequence[str]) -> AppConfig:
     parser.add_argument("--mean")
     parser.add_argument("--std")
     parser.add_argument("--labels")
+    parser.add_argument("--device", default="auto")
     try:
         ns, _ = parser.parse_known_args(list(argv))
     except SystemExit:  # a malformed value: fall back to the defaults rather than kill the page
         return AppConfig()
-    return AppConfig(ns.model, ns.weights, ns.size, _floats(ns.mean), _floats(ns.std), ns.labels)
+    return AppConfig(ns.model, ns.weights, ns.size, _floats(ns.mean), _floats(ns.std), ns.labels, ns.device)
 
 
 def load_bundle(config: AppConfig):
-    """Load the model; raises ``LumosError`` (incl. ``ModelLoadError``) with a one-line reason.
+    """Load the model onto ``config.device``; raises ``LumosError`` (incl. ``ModelLoadError``) with a one-line
+    reason.
 
     A TorchScript file is refused before it is read (no hooks on a ScriptModule, and loading runs its code).
     """
     from lumos.zoo import load_model
 
+    device = resolve_device(config.device)  # a bad --device fails before the model is read
     bundle = load_model(config.model, weights=config.weights, size=config.size, mean=config.mean,
                         std=config.std, labels=config.labels, torchscript=False)
     if isinstance(bundle.model, torch.jit.ScriptModule):
@@ -89,7 +130,13 @@ def load_bundle(config: AppConfig):
             f"{config.model} is a TorchScript model: torch allows no hooks on a loaded ScriptModule, so its layers "
             "cannot be recorded; save the state dict and use --model package.module:callable --weights FILE."
         )
+    bundle.model.to(device)
     return bundle
+
+
+def model_input(bundle, image: Image.Image) -> torch.Tensor:
+    """One image preprocessed for the model, on the model's device."""
+    return bundle.preprocess([image]).to(model_device(bundle.model))
 
 
 def thread_count(env: str | None, cpus: int | None) -> int:
@@ -101,7 +148,7 @@ def thread_count(env: str | None, cpus: int | None) -> int:
 
 def warm_up(bundle) -> None:
     """One forward and one Grad-CAM-style backward on a blank image, so the first upload pays no start-up."""
-    x = bundle.preprocess([Image.new("RGB", (224, 224), (128, 128, 128))])
+    x = model_input(bundle, Image.new("RGB", (224, 224), (128, 128, 128)))
     try:
         import lumos
 
@@ -185,12 +232,11 @@ def top_classes(bundle, image: Image.Image, k: int = 5) -> list[tuple[int, str, 
     """The top-``k`` (class index, name, probability) of one image, best first."""
     from lumos.explainer import predict
 
-    x = bundle.preprocess([image])
-    return predict(bundle.model, x, bundle.labels, k=k)[0].top
+    return predict(bundle.model, model_input(bundle, image), bundle.labels, k=k)[0].top
 
 
 def class_names(bundle) -> list[str]:
-    """``"<index>: <full name>"`` for every class (for the class search box)."""
+    """``"<index>: <full name>"`` for every class (the options of the class search)."""
     labels = bundle.labels
     if labels is None:
         return []
@@ -198,12 +244,47 @@ def class_names(bundle) -> list[str]:
     return [f"{i}: {full(i) if full else labels[i]}" for i in range(len(labels))]
 
 
+def _match_rank(alias: str, query: str) -> int | None:
+    """How well one alias matches: 0 the whole alias, 1 it starts with the query as a word, 2 a word anywhere,
+    3 it starts with the query, 4 a word starts with it, 5 it contains it; None: no match."""
+    if alias == query:
+        return 0
+    q = re.escape(query)
+    for rank, pattern in ((1, rf"^{q}\b"), (2, rf"\b{q}\b"), (3, rf"^{q}"), (4, rf"\b{q}")):
+        if re.search(pattern, alias):
+            return rank
+    return 5 if query in alias else None
+
+
+def search_classes(names: Sequence[str], query: str) -> list[int]:
+    """Positions in ``names`` (``class_names``: ``"<index>: alias, alias, ..."``) that match ``query``, best first.
+
+    Whole-word and prefix matches come first (``tiger``: tiger, tiger cat, tiger shark, tiger beetle), then
+    substrings; within a rank, the shorter matching alias first. No fuzzy matching: letters scattered over
+    a name (``t..i..g..e..r`` in "Eschrichtius gibbosus robustus") are not a match. A number finds that index.
+    """
+    q = " ".join(query.lower().split())
+    if not q:
+        return []
+    scored = []
+    for pos, entry in enumerate(names):
+        index, _, rest = entry.partition(": ")
+        if q == index:
+            scored.append((-1, 0, pos))
+            continue
+        ranks = [(r, len(a)) for a in (a.strip().lower() for a in rest.split(",")) if a
+                 for r in [_match_rank(a, q)] if r is not None]
+        if ranks:
+            scored.append((*min(ranks), pos))
+    return [pos for *_, pos in sorted(scored)]
+
+
 def map_layers(bundle) -> tuple[list[str], str]:
     """Layers with a spatial 4-D output that run once per forward, and the ``auto`` choice."""
     from lumos.capture import model_guard
     from lumos.layers import auto_layer, trace_layers
 
-    x = bundle.preprocess([Image.new("RGB", (224, 224), (128, 128, 128))])
+    x = model_input(bundle, Image.new("RGB", (224, 224), (128, 128, 128)))
     with model_guard(bundle.model), torch.no_grad():
         infos = trace_layers(bundle.model, x)
         auto = auto_layer(bundle.model, x)
@@ -292,13 +373,95 @@ class MethodResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def uses_layer(method: str) -> bool:
+    """True if the method's result depends on the layer choice (the CAMs and guided Grad-CAM)."""
+    import lumos
+
+    return bool(getattr(lumos.method_class(method), "uses_layer", False))
+
+
+def result_key(model_key: str, image_hash: str, method: str, target: int | None, layer: str,
+               settings: dict[str, Any] | None = None) -> str:
+    """What one method's result depends on: the model, the image, the class, the method's own settings, and
+    the layer only if the method uses one. So changing the CAM layer leaves SmoothGrad's cached result valid."""
+    return json.dumps([model_key, image_hash, method, target, layer if uses_layer(method) else None,
+                       dict(sorted((settings or {}).items()))], default=str)
+
+
+class ResultStore:
+    """A small thread-safe LRU cache shared by all sessions of one server (Streamlit runs sessions in threads).
+
+    Unlike ``st.cache_data`` it says whether a result is there before computing it, so the page shows
+    progress only for what it actually computes, and tests can count and clear it.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def get(self, key: str, default: Any = None) -> Any:
+        with self._lock:
+            if key not in self._items:
+                return default
+            self._items.move_to_end(key)
+            return self._items[key]
+
+    def put(self, key: str, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+RESULTS = ResultStore(128)  # method results (a pixel method's result is ~0.8 MB at 224 x 224)
+CURVES = ResultStore(32)  # deletion / insertion curves
+
+
+@contextmanager
+def count_forwards(model: torch.nn.Module, report: Callable[[int, float], None] | None = None,
+                   every: float = 0.25) -> Iterator[list[int]]:
+    """Count the model's forward passes while the block runs (``[n]``), calling ``report(n, seconds)`` at most
+    every ``every`` seconds: visible progress for methods that score many masked copies (Score-CAM, RISE,
+    occlusion, SmoothGrad, integrated gradients). An exception raised by ``report`` (Streamlit stopping a run
+    that the user has already replaced) stops the method at its next forward."""
+    count = [0]
+    start = last = time.perf_counter()
+
+    def hook(module, inputs, output) -> None:
+        nonlocal last
+        count[0] += 1
+        now = time.perf_counter()
+        if report is not None and now - last >= every:
+            last = now
+            report(count[0], now - start)
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
 def run_method(bundle, image: Image.Image, method: str, target: int | None, layer: str = "auto",
                settings: dict[str, Any] | None = None) -> MethodResult:
     """Explain ``target`` (None = top-1) on ``image`` with ``method`` at ``layer``, through one spec."""
     from lumos.explainer import Explainer, ExplainSpec
 
     spec = ExplainSpec(methods=(method,), settings={method: dict(settings or {})}, target=target, layer=layer)
-    result = Explainer(spec, bundle)([image])
+    result = Explainer(spec, bundle)(model_input(bundle, image))
     ex = result.explanations[spec.method_names[0]]
     raw = ex.raw[0] if isinstance(ex.raw, tuple) else ex.raw
     layer_name = ex.layer if isinstance(ex.layer, str) or ex.layer is None else ", ".join(ex.layer)
@@ -327,8 +490,8 @@ def feature_grid_image(bundle, image: Image.Image, layer: str = "auto", n: int =
     import lumos
     from lumos.render import feature_grid
 
-    fm = lumos.feature_maps(bundle.model, bundle.preprocess([image]), layer=layer, n=n)
-    grid, channels = feature_grid(fm.activations[0], n=n)
+    fm = lumos.feature_maps(bundle.model, model_input(bundle, image), layer=layer, n=n)
+    grid, channels = feature_grid(fm.activations[0].cpu(), n=n)
     return grid, fm.layer, channels
 
 
@@ -357,14 +520,14 @@ def deletion_insertion(bundle, image: Image.Image, maps: dict[str, np.ndarray], 
     """Deletion and insertion curves (``lumos.evaluate``) of each method's map for one image."""
     from lumos.evaluate import Deletion, Insertion
 
-    x = bundle.preprocess([image])
-    targets = None if target is None else torch.tensor([target])
+    x = model_input(bundle, image)
+    targets = None if target is None else torch.tensor([target], device=x.device)
     out: dict[str, Curves] = {}
     for name, m in maps.items():
-        mt = torch.as_tensor(np.abs(m), dtype=torch.float32)[None]
+        mt = torch.as_tensor(np.abs(m), dtype=torch.float32, device=x.device)[None]
         d = Deletion(steps=steps, batch_size=16)(bundle.model, x, mt, targets)
         i = Insertion(steps=steps, batch_size=16)(bundle.model, x, mt, targets)
-        out[name] = Curves(d.fractions.numpy(), d.curves[0].numpy(), i.curves[0].numpy(),
+        out[name] = Curves(d.fractions.cpu().numpy(), d.curves[0].cpu().numpy(), i.curves[0].cpu().numpy(),
                            float(d.auc[0]), float(i.auc[0]))
     return out
 
@@ -417,20 +580,23 @@ def build_zip(image_name: str, image: Image.Image, results: dict[str, MethodResu
 
 
 def file_stem(method: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", method.replace("++", "pp"))
+    """A method's part of a file name: its registered name (``gradcam++``), as ``lumos explain`` writes it."""
+    return re.sub(r"[^A-Za-z0-9_+-]+", "_", method)
 
 
 def top5_html(top: Sequence[tuple[int, str, float]]) -> str:
-    """The top-k table as HTML (class, index, probability and a bar): real DOM text, readable by tests
-    and screen readers alike."""
+    """The top-k table as compact HTML (class, index, probability drawn over its bar): real DOM text, readable by
+    tests and screen readers alike, narrow enough for the page's left column."""
     from html import escape
 
+    cell = "padding:2px 6px;border:none;border-bottom:1px solid rgba(128,128,128,0.2)"
     rows = "".join(
-        f"<tr><td>{escape(name)}</td><td style='text-align:right'>{idx}</td>"
-        f"<td style='text-align:right'>{p:.3f}</td>"
-        f"<td style='width:40%'><div style='background:#ff4b4b;height:0.8em;border-radius:3px;"
-        f"width:{max(0.0, min(1.0, p)) * 100:.1f}%'></div></td></tr>"
+        f"<tr><td style='{cell}'>{escape(name)}</td><td style='{cell};text-align:right;opacity:0.6'>{idx}</td>"
+        f"<td style='{cell};text-align:right;background:linear-gradient(to right,rgba(255,75,75,0.35) "
+        f"{max(0.0, min(1.0, p)) * 100:.1f}%,transparent 0)'>{p:.3f}</td></tr>"
         for idx, name, p in top
     )
-    return ("<table data-testid='lumos-top5' style='width:100%'><thead><tr><th>class</th><th>index</th>"
-            f"<th>probability</th><th></th></tr></thead><tbody>{rows}</tbody></table>")
+    head = "".join(f"<th style='{cell};text-align:{a}'>{h}</th>" for h, a in
+                   (("class", "left"), ("index", "right"), ("probability", "right")))
+    return (f"<table data-testid='lumos-top5' style='width:100%;font-size:0.85rem;border-collapse:collapse;"
+            f"border:none;margin-bottom:0.5rem'><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")

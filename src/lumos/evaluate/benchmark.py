@@ -60,14 +60,28 @@ class EvaluationReport:
             seen.update(dict.fromkeys(row))
         return list(seen)
 
-    def best(self) -> dict[str, str]:
-        """The best method per metric (by :data:`DIRECTIONS`; NaN ignored)."""
+    def best(self, decimals: int | None = 3) -> dict[str, str]:
+        """Per metric (by :data:`DIRECTIONS`, NaN ignored), the method that is *strictly* best and better than
+        the ``random`` baseline (where random has that metric). Values are compared rounded to ``decimals``
+        places, as the table shows them (None: exactly). A tie for first place, or a best that does not beat
+        random, gives no entry: every method at avg increase 0.000 has no best."""
+        def shown(v: float) -> float:
+            return v if decimals is None else round(v, decimals)
+
         out = {}
+        baseline = self.rows.get(RANDOM, {})
         for metric in self.metrics:
-            vals = {m: r[metric] for m, r in self.rows.items() if metric in r and r[metric] == r[metric]}
-            if vals:
-                pick = max if DIRECTIONS.get(metric, True) else min
-                out[metric] = pick(vals, key=vals.__getitem__)
+            higher = DIRECTIONS.get(metric, True)
+            vals = {m: shown(r[metric]) for m, r in self.rows.items()
+                    if m != RANDOM and metric in r and r[metric] == r[metric]}
+            if not vals:
+                continue
+            top = max(vals.values()) if higher else min(vals.values())
+            winners = [m for m, v in vals.items() if v == top]
+            base = baseline.get(metric, float("nan"))
+            beats = base != base or (top > shown(base) if higher else top < shown(base))
+            if len(winners) == 1 and beats:
+                out[metric] = winners[0]
         return out
 
 
@@ -190,20 +204,25 @@ def synthetic_benchmark(
     sanity: bool = False,
     on_method: Callable[[str], None] | None = None,
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    device: str | torch.device | None = None,
 ) -> EvaluationReport:
     """Every method (default: ``lumos.methods()``) plus ``random`` on ``n`` synthetic images (seed 123 is
     held out from training) with the bundled TinyCNN, explaining the true class at ``features.block4``.
 
     The tolerance defaults to 2 px: one CAM cell spans 4 px of the 64 x 64 images (the usual 15 px is
-    for 224 x 224 photos).
+    for 224 x 224 photos). ``device``: where the model and images go (``lumos.explainer.resolve_device``;
+    None: the CPU).
     """
     from lumos.api import methods as all_methods
+    from lumos.explainer import resolve_device
     from lumos.synthetic import load_tinycnn, make_dataset
 
+    where = torch.device("cpu") if device is None else resolve_device(device)
     data = make_dataset(n, seed=seed)
-    model = load_tinycnn()
+    model = load_tinycnn().to(where)
     report = evaluate_methods(
-        model, data.images, all_methods() if methods is None else methods, data.labels, data.masks,
+        model, data.images.to(where), all_methods() if methods is None else methods, data.labels.to(where),
+        data.masks.to(where),
         layer="features.block4", steps=steps, batch_size=batch_size, tolerance=tolerance, sanity=sanity,
         sanity_images=4, sanity_steps=None, on_method=on_method, method_kwargs=method_kwargs,
     )

@@ -1,16 +1,20 @@
-"""Write an :class:`~lumos.evaluate.benchmark.EvaluationReport`: text table, CSV, JSON, curve and sanity PNGs."""
+"""Write an :class:`~lumos.evaluate.benchmark.EvaluationReport`: text table, a plain-language reading (which
+method to use for this model), CSV, JSON, curve and sanity PNGs."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from lumos.errors import LumosError
-from lumos.evaluate.benchmark import DIRECTIONS, EvaluationReport
+from lumos.evaluate.benchmark import DIRECTIONS, RANDOM, EvaluationReport
+from lumos.methods import display_name
 
 LABELS = {
     "pointing_game": "pointing game",
@@ -31,27 +35,150 @@ def header(metric: str) -> str:
 
 
 def table_rows(report: EvaluationReport, mark: str = "*") -> tuple[list[str], list[list[str]]]:
-    """Header and rows of strings (method × metric); the best value per column carries ``mark``."""
+    """Header and rows of strings (method display names × metric); a column's value carries ``mark`` only when
+    its method is strictly best there and better than random (:meth:`EvaluationReport.best`)."""
     metrics = report.metrics
     best = report.best()
-    top = {m: report.rows[b][m] for m, b in best.items()}
     rows = []
     for method, row in report.rows.items():
-        cells = [method]
+        cells = [display_name(method)]
         for m in metrics:
             v = row.get(m, float("nan"))
             text = "-" if v != v else f"{v:.3f}"
-            cells.append(text + (mark if m in top and v == top[m] else ""))
+            cells.append(text + (mark if best.get(m) == method else ""))
         rows.append(cells)
     return ["method", *map(header, metrics)], rows
 
 
+STAR_NOTE = "(* = strictly best in its column and better than random; no star for a tie)"
+
+
 def format_table(report: EvaluationReport) -> str:
-    """A plain-text table (best per column marked ``*``)."""
+    """A plain-text table (a column's strict best, when it beats random, marked ``*``)."""
     head, rows = table_rows(report)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+# -- the reading: which method to use for this model ---------------------------------------------------------
+FAITHFULNESS = ("deletion_auc", "insertion_auc", "avg_drop", "avg_increase")
+LOCALISATION = ("pointing_game", "energy_pointing_game", "relevance_mass")
+SANITY_LIMIT = 0.5  # rank correlation with the original map after full randomisation above this: a failed check
+
+
+@dataclass
+class Reading:
+    """What the table says, in words. Names are registered method names.
+
+    ``most_faithful`` / ``best_localised``: the methods with the best mean rank over the faithfulness /
+    localisation metrics (several when tied; empty when the report has no such metric or no method beats
+    random); ``not_above_random``: methods that are better than the random baseline on no more metrics than
+    they are worse; ``fails_sanity``: methods whose map stays similar (Spearman > 0.5) when the model's weights
+    are all randomised; ``recommended``: among the others, the best mean of the two ranks (several when tied).
+    """
+
+    most_faithful: list[str] = field(default_factory=list)
+    best_localised: list[str] = field(default_factory=list)
+    not_above_random: list[str] = field(default_factory=list)
+    fails_sanity: list[str] = field(default_factory=list)
+    recommended: list[str] = field(default_factory=list)
+    images: int | None = None
+    benchmark: str | None = None
+
+
+def _ranks(report: EvaluationReport, methods: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
+    """Mean rank (1 = best; ties share the mean of their places, values compared as the table shows them)
+    of each method over the ``metrics`` it has a value for; methods with none are left out."""
+    total: dict[str, list[float]] = {m: [] for m in methods}
+    for metric in metrics:
+        higher = DIRECTIONS.get(metric, True)
+        vals = {m: round(report.rows[m][metric], 3) for m in methods
+                if metric in report.rows[m] and report.rows[m][metric] == report.rows[m][metric]}
+        for m, v in vals.items():
+            better = sum(1 for w in vals.values() if (w > v if higher else w < v))
+            same = sum(1 for w in vals.values() if w == v)
+            total[m].append(better + (same + 1) / 2)
+    return {m: sum(r) / len(r) for m, r in total.items() if r}
+
+
+def _beats_random(report: EvaluationReport, method: str) -> bool | None:
+    """Better than random on more metrics than worse (None: no random baseline to compare with)."""
+    base = report.rows.get(RANDOM)
+    if base is None:
+        return None
+    wins = losses = 0
+    for metric in (*FAITHFULNESS, *LOCALISATION):
+        a, b = report.rows[method].get(metric, float("nan")), base.get(metric, float("nan"))
+        if a != a or b != b:
+            continue
+        a, b = round(a, 3), round(b, 3)
+        if a != b:
+            wins += (a > b) == DIRECTIONS.get(metric, True)
+            losses += (a > b) != DIRECTIONS.get(metric, True)
+    return wins > losses
+
+
+def _top(scores: dict[str, float]) -> list[str]:
+    if not scores:
+        return []
+    low = min(scores.values())
+    return [m for m, v in scores.items() if v <= low + 1e-9]
+
+
+def read_report(report: EvaluationReport) -> Reading:
+    """The plain-language reading of ``report``: which method is most faithful and best localised *for this
+    model and these images*, which do not beat random, which fail the sanity check, and which to use."""
+    methods = [m for m in report.rows if m != RANDOM]
+    images = report.meta.get("images")
+    reading = Reading(images=len(images) if isinstance(images, list) else images,
+                      benchmark=report.meta.get("benchmark"))
+    reading.not_above_random = [m for m in methods if _beats_random(report, m) is False]
+    reading.fails_sanity = [m for m in methods if report.rows[m].get("sanity_spearman", 0.0) > SANITY_LIMIT]
+    trusted = [m for m in methods if m not in reading.not_above_random]
+    faithful = _ranks(report, trusted, FAITHFULNESS)
+    localised = _ranks(report, trusted, LOCALISATION)
+    reading.most_faithful, reading.best_localised = _top(faithful), _top(localised)
+    usable = [m for m in trusted if m not in reading.fails_sanity]
+    overall = {m: (faithful[m] + localised[m]) / 2 if m in localised else faithful[m]
+               for m in usable if m in faithful}
+    reading.recommended = _top(overall)
+    return reading
+
+
+def _names(methods: list[str], joiner: str = "and") -> str:
+    shown = [display_name(m) for m in methods]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} {joiner} {shown[-1]}"
+
+
+def format_reading(reading: Reading, how: Callable[[list[str]], str] | None = None) -> list[str]:
+    """The reading as short lines for a person. ``how(names)`` says how to ask for the recommended methods
+    (the command line passes ``--method NAME``); by default their registered names."""
+    how = how or (lambda names: ", ".join(names))
+    lines = []
+    if reading.most_faithful:
+        tied = " (tied)" if len(reading.most_faithful) > 1 else ""
+        lines.append(f"Most faithful here: {_names(reading.most_faithful)}{tied} (best average rank on deletion, "
+                     "insertion and average drop/increase: the pixels its maps mark matter most to the model).")
+    if reading.best_localised:
+        tied = " (tied)" if len(reading.best_localised) > 1 else ""
+        lines.append(f"Best localised: {_names(reading.best_localised)}{tied} (best average rank on the pointing game, "
+                     "energy and relevance mass: its maps fall on the object itself).")
+    if reading.not_above_random:
+        lines.append(f"Not better than random maps here: {_names(reading.not_above_random)}; do not trust "
+                     f"{'its' if len(reading.not_above_random) == 1 else 'their'} maps for this model.")
+    if reading.fails_sanity:
+        lines.append(f"Fails the sanity check: {_names(reading.fails_sanity)} (the map barely changes when the "
+                     "model's weights are randomised: it shows the image more than the model).")
+    if reading.recommended:
+        lines.append(f"Recommended for this model: {_names(reading.recommended, 'or')} "
+                     f"({how(reading.recommended)}).")
+    else:
+        lines.append("No method can be recommended here: none is better than random maps (and passes the sanity "
+                     "check) on this model and these images.")
+    if reading.benchmark is None and reading.images is not None and reading.images < 10:
+        lines.append(f"Based on {reading.images} image(s): a rough guide; evaluate 10 or more for a firmer answer.")
+    return lines
 
 
 def _open(path: Path, mode: str = "w"):
@@ -90,6 +217,7 @@ def to_dict(report: EvaluationReport) -> dict:
         "meta": report.meta,
         "directions": {m: "higher" if DIRECTIONS.get(m, True) else "lower" for m in report.metrics},
         "best": report.best(),
+        "reading": asdict(read_report(report)),
         "metrics": report.rows,
         "per_image": report.per_image,
         "curves": report.curves,

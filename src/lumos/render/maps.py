@@ -172,19 +172,26 @@ def draw_map(
     colormap: str | Colormap = "jet",
     alpha: float = 0.5,
     size: tuple[int, int] | None = None,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
 ) -> Image.Image:
     """How lumos draws a map everywhere (CLI, app, tracker), by what the map is (``Explanation.kind``).
 
     ``"layer"`` and ``"region"`` maps (CAMs, occlusion, RISE): a heat overlay on the image. ``"pixel"``
     attributions: saliency on its own, grayscale (signed maps red/blue), since their detail hides under a
     photo. ``size`` (width, height) defaults to the image's size.
+
+    Each map is scaled on its own (min to max; symmetric for signed maps) unless ``vmin``/``vmax`` fix the
+    colour range: pass the values of a :class:`~lumos.render.scales.MapScale` with ``vmin=0, vmax=1`` (signed
+    pixel maps: ``vmax=1``) to draw maps on a shared scale.
     """
     pil = to_pil_image(image)
     size = tuple(size or pil.size)  # type: ignore[assignment]
     if kind == "pixel":
         if float(np.min(to_numpy_map(map))) < 0:
-            return signed_map_image(map, size=size).convert("RGB")
-        return grayscale_map_image(map, size=size).convert("RGB")
+            return signed_map_image(map, size=size, vmax=vmax).convert("RGB")
+        return grayscale_map_image(map, size=size, vmin=vmin, vmax=vmax).convert("RGB")
     if pil.size != size:
         pil = pil.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return overlay(pil, map, colormap, alpha)
+    return overlay(pil, map, colormap, alpha, vmin=vmin, vmax=vmax)

@@ -10,6 +10,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -72,6 +73,27 @@ class RunReport:
     stems: dict[str, str] = field(default_factory=dict)  # image name -> output file stem
     scale: str = DEFAULT_SCALE
     colormap: str = "jet"
+    _pending: list[Future] = field(default_factory=list, repr=False)
+    _writer: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def write(self, path: Path, save: Callable[[Path], object]) -> None:
+        """Encode and write a file on a background thread (PNG and .npy encoding release the GIL, so it
+        overlaps the next batch's model work); :meth:`wait` re-raises the first failure."""
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lumos-writer")
+        self._pending.append(self._writer.submit(save, path))
+        self.written.append(path)
+
+    def wait(self) -> None:
+        """Wait for every pending write; the first failed one raises (after all have finished)."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def stem(self, name: str) -> str:
         """Output file stem for an image: its file name without extension, made unique within the run."""
@@ -207,18 +229,21 @@ def explain_images(
             _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method, captions)
             batch.clear()
 
-    for name, source in items:
-        try:
-            image = source() if callable(source) else source
-        except LumosError as err:
-            report.failures.append((name, str(err)))
-            if on_image:
-                on_image(name, None, str(err))
-            continue
-        batch.append((name, image))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
+    try:
+        for name, source in items:
+            try:
+                image = source() if callable(source) else source
+            except LumosError as err:
+                report.failures.append((name, str(err)))
+                if on_image:
+                    on_image(name, None, str(err))
+                continue
+            batch.append((name, image))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    finally:
+        report.wait()
     return report
 
 
@@ -313,8 +338,8 @@ def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, o
         if out is not None and "npy" in save:
             for i, res in enumerate(results):
                 path = out / f"{report.stem(res.name)}_{_safe(name)}.npy"
-                np.save(path, _at_image_size(ex.maps[ex.image_index == i], res.image))
-                report.written.append(path)
+                arr = _at_image_size(ex.maps[ex.image_index == i], res.image)
+                report.write(path, lambda p, arr=arr: np.save(p, arr))
     for res in results:
         if out is not None and "png" in save:
             for method, images_ in res.overlays.items():
@@ -323,9 +348,9 @@ def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, o
                     if captions:
                         s = res.scales[method][k]
                         picture(img, res.captions[method][k], color_scale(s.mode, s.kind, s.signed, colormap), out=path)
+                        report.written.append(path)
                     else:
-                        img.save(path, compress_level=1)
-                    report.written.append(path)
+                        report.write(path, lambda p, img=img: img.save(p, compress_level=1))
         report.results.append(res)
         if on_image:
             on_image(res.name, res.prediction, None)

@@ -1,0 +1,135 @@
+"""Score-CAM on the bundled photos (EfficientNet-Lite0, 224x224, predicted class, auto layer ``_act1``).
+
+Per photo: the default Score-CAM (adaptive channel budget) time / a plain no-grad forward of that image
+(median of the per-round ratios, each call timed right after its own plain forward), the masks it scored
+and its estimated error, its map correlation with all-channel Score-CAM; the same for the old fixed default
+(the 32 highest-variance channels, batches of 32); and all-channel Score-CAM (``max_channels=None``) before
+(the old code: every channel, batches of 32) and after (constant channels skipped, shared masks scored once,
+batches of ``batch_size``), one call each. ``--sweep`` times all-channel Score-CAM on the first photo per
+``batch_size``. Run: ``.venv/bin/python benchmarks/bench_scorecam.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from timing import median_time, ratio, timed_result
+
+import lumos
+from lumos.engine import Forward, score_inputs
+from lumos.explanation import normalize_maps, upsample
+from lumos.io import sample_images
+from lumos.methods.base import ActivationMethod
+from lumos.zoo import load_model
+
+
+class OldScoreCAM(ActivationMethod):
+    """Score-CAM as it was before the adaptive budget (git show a1d7744:src/lumos/methods/scorecam.py)."""
+
+    name = "scorecam_old"
+
+    def __init__(self, *args, batch_size: int = 32, max_channels: int | None = 32, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batch_size, self.max_channels, self.baseline = batch_size, max_channels, 0.0
+
+    def compute(self, fw: Forward) -> list[torch.Tensor]:
+        x = fw.x
+        size = tuple(x.shape[-2:])
+        raws = []
+        for a_all in fw.maps():
+            per_image = []
+            for i in range(x.shape[0]):
+                a = a_all[i]
+                keep = torch.arange(a.shape[0], device=a.device)
+                if self.max_channels is not None and self.max_channels < a.shape[0]:
+                    keep = a.flatten(1).var(1).topk(self.max_channels).indices
+                xi = x[i:i + 1]
+                target = fw.target.select(torch.tensor([i]))
+                base = score_inputs(self.model, lambda s, e, xi=xi: (torch.full_like(xi, self.baseline), None), 1,
+                                    target, output=self.output)
+
+                def masked(start: int, stop: int, a=a, keep=keep, xi=xi) -> tuple[torch.Tensor, torch.Tensor]:
+                    masks = normalize_maps(upsample(a[keep[start:stop]].float(), size, "bilinear"), "minmax")[:, None]
+                    inputs = (xi * masks + self.baseline * (1 - masks)).to(x.dtype)
+                    return inputs, torch.zeros(stop - start, dtype=torch.long)
+
+                scores = score_inputs(self.model, masked, len(keep), target, output=self.output,
+                                      batch_size=self.batch_size)
+                weights = torch.zeros(a.shape[0], scores.shape[1], device=a.device)
+                weights[keep] = (scores - base).to(weights)
+                per_image.append(torch.einsum("ck,chw->khw", weights.to(a.dtype), a))
+            raws.append(torch.cat(per_image))
+        return raws
+
+
+def corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten().double(), b.flatten().double()]))[0, 1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="paired rounds per default Score-CAM ratio")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sweep", action="store_true", help="time all-channel Score-CAM per batch_size")
+    parser.add_argument("--skip-before", action="store_true", help="skip the old all-channel run (~40 s a photo)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, preprocess, _ = load_model("efficientnet_lite0")
+    photos = sample_images()
+    default, old = lumos.ScoreCAM(model), OldScoreCAM(model)
+    rows = []
+    for name, photo in photos.items():
+        x = preprocess([photo])
+
+        def plain(x=x) -> None:
+            with torch.no_grad():
+                model(x)
+
+        def once(fn, plain=plain):
+            """(time / plain forward, time, result) of one call; plain forwards timed right before and after."""
+            before = median_time(plain, 3)
+            t, out = timed_result(fn)
+            return t / ((before + median_time(plain, 3)) / 2), t, out
+
+        r_new, t_new = ratio(plain, lambda x=x: default(x), args.rounds)
+        r_old, _ = ratio(plain, lambda x=x: old(x), args.rounds)
+        r_after, t_after, full = once(lambda x=x: lumos.ScoreCAM(model, max_channels=None)(x))
+        r_before, t_before, _ = (float("nan"),) * 3 if args.skip_before else \
+            once(lambda x=x: OldScoreCAM(model, max_channels=None)(x))
+        ex, ex_old = default(x), old(x)
+        rows.append((name, int(ex.params["channels_used"][0]), float(ex.params["error"][0]),
+                     corr(ex.maps, full.maps), r_new, t_new, corr(ex_old.maps, full.maps), r_old,
+                     int(full.params["channels_used"][0]), r_before, r_after, t_before / t_after))
+    print(f"EfficientNet-Lite0, 224x224, {torch.get_num_threads()} threads, predicted class, layer _act1; "
+          f"ratio = time / plain no-grad forward of the same image (default: median of {args.rounds} rounds)")
+    head = (f"{'photo':<10} {'masks':>5} {'est.err':>7} {'corr':>6} {'ratio':>6} {'sec':>6} | "
+            f"{'old32 corr':>10} {'ratio':>6} | {'all: masks':>10} {'before':>7} {'after':>7} {'speed-up':>8}")
+    print("default = adaptive budget (tolerance 0.02, cap 128); old32 = previous default; all = max_channels=None")
+    print(head)
+    for n, used, err, c, r, t, c_old, r_old, masks, before, after, up in rows:
+        print(f"{n:<10} {used:>5} {err:>7.3f} {c:>6.3f} {r:>6.1f} {t:>6.2f} | {c_old:>10.3f} {r_old:>6.1f} | "
+              f"{masks:>10} {before:>6.0f}x {after:>6.0f}x {up:>7.2f}x")
+    mean = statistics.mean
+    cols = {i: mean(r[i] for r in rows) for i in (1, 4, 5, 7, 9, 10, 11)}
+    print(f"{'mean':<10} {cols[1]:>5.1f} {'':>7} {min(r[3] for r in rows):>6.3f} {cols[4]:>6.1f} {cols[5]:>6.2f} | "
+          f"{min(r[6] for r in rows):>10.3f} {cols[7]:>6.1f} | {'':>10} {cols[9]:>6.0f}x {cols[10]:>6.0f}x "
+          f"{cols[11]:>7.2f}x   (corr columns: the minimum)")
+
+    if args.sweep:
+        x = preprocess([next(iter(photos.values()))])
+        print("\nall-channel Score-CAM on the first photo per batch_size (one call each):")
+        def plain_first() -> None:
+            with torch.no_grad():
+                model(x)
+
+        for bs in (1, 2, 4, 8, 16, 32):
+            before = median_time(plain_first, 3)
+            t, _ = timed_result(lambda bs=bs: lumos.ScoreCAM(model, max_channels=None, batch_size=bs)(x))
+            r = t / ((before + median_time(plain_first, 3)) / 2)
+            print(f"  batch_size {bs:>3}: {t:6.2f} s = {r:5.0f}x a plain forward")
+
+
+if __name__ == "__main__":
+    main()

@@ -205,14 +205,11 @@ def _output(text: str | None) -> int | str | None:
 
 def _explainer(spec):
     """Load the model once (TorchScript refused before it runs) and check layer and class against it."""
+    from lumos.cli_common import _load_parsed
     from lumos.explainer import Explainer
 
     m = spec.model
-    bundle = _load(m.name, None if m.weights is None else Path(m.weights), m.size,
-                   None if m.mean is None else ",".join(map(str, m.mean)),
-                   None if m.std is None else ",".join(map(str, m.std)),
-                   None if m.labels is None else Path(m.labels))
-    return Explainer(spec, bundle)
+    return Explainer(spec, _load_parsed(m.name, m.weights, m.size, m.mean, m.std, m.labels))
 
 
 def _loader(load: Callable, path: Path) -> Callable:

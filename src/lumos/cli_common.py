@@ -50,14 +50,19 @@ def importable_from_here(model: str) -> None:
 def _load(model: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
           labels: Path | None, device: str | None = None):
     """The model bundle for a command, moved to ``device`` (``--device``, checked before the model loads)."""
+    return _load_parsed(model, weights, size, _floats(mean), _floats(std), labels, device)
+
+
+def _load_parsed(model: str, weights: str | Path | None, size: int | None, mean: tuple[float, ...] | None,
+                 std: tuple[float, ...] | None, labels: str | Path | None, device: str | None = None):
+    """:func:`_load` with the normalisation already parsed (as an ``ExplainSpec``'s ``ModelSpec`` holds it)."""
     import torch
 
     from lumos.zoo import load_model
 
     where = None if device is None else resolve_device(device)
     importable_from_here(model)
-    bundle = load_model(model, weights=weights, size=size, mean=_floats(mean), std=_floats(std), labels=labels,
-                        torchscript=False)
+    bundle = load_model(model, weights=weights, size=size, mean=mean, std=std, labels=labels, torchscript=False)
     if isinstance(bundle.model, torch.jit.ScriptModule):  # every command here records layers with hooks
         raise LumosError(
             f"{model} is a TorchScript model: it loads, but torch allows no hooks on a loaded ScriptModule, so its "

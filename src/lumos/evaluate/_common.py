@@ -125,12 +125,6 @@ def scoring(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
         yield
 
 
-def class_probs(model: nn.Module, x: torch.Tensor, classes: torch.Tensor, output: OutputSpec = None) -> torch.Tensor:
-    """Probability of ``classes[i]`` for ``x[i]`` (call inside :func:`scoring`)."""
-    p = probabilities(select_output(model(x), output))
-    return p.gather(1, classes[:, None].to(p.device)).squeeze(1) if p.shape[1] > 1 else p[:, 0]
-
-
 def resolve_classes(
     model: nn.Module, images: torch.Tensor, targets: TargetLike, output: OutputSpec = None
 ) -> torch.Tensor:

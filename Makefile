@@ -8,7 +8,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -qq --disable-pip-version-check
-TORCH := torch==2.13.0
+# Dev/test torch: 2.14.1 + torchvision 0.29.1 (both on this machine's disk; torchvision cannot import beside
+# the 2.13.0 CPU wheel). demo/app take the small 2.13.0 CPU wheel only when no torch is installed yet.
+TORCH := torch==2.14.1 torchvision==0.29.1
+DEMO_TORCH := $(PY) -c 'import torch' 2>/dev/null || $(PIP) torch==2.13.0
 DEMO_STAMP := $(VENV)/.installed-demo
 APP_STAMP := $(VENV)/.installed-app
 STAMP := $(VENV)/.installed
@@ -17,12 +20,14 @@ STAMP := $(VENV)/.installed
 
 $(DEMO_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH) -e '.[samples]'
+	$(DEMO_TORCH)
+	$(PIP) -e '.[samples]'
 	touch $(DEMO_STAMP)
 
 $(APP_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH) -e '.[app]'
+	$(DEMO_TORCH)
+	$(PIP) -e '.[app]'
 	touch $(DEMO_STAMP) $(APP_STAMP)
 
 $(STAMP): pyproject.toml Makefile

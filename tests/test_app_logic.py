@@ -267,11 +267,20 @@ def test_decode_limits_and_formats(monkeypatch):
     assert max(big.size) == logic.DISPLAY_MAX_SIDE and big.mode == "RGB"
 
 
+def test_app_scorecam_settings_default_to_the_library():
+    """The app offers Score-CAM's per-image budget with the library's own defaults (not a smaller fixed cap)."""
+    import inspect
+
+    params = inspect.signature(lumos.method_class("scorecam").__init__).parameters
+    for s in logic.method_settings("scorecam"):
+        assert s.default == params[s.param].default, s.param
+
+
 def test_parse_args_settings_and_command():
     cfg = logic.parse_app_args(["-q", "--model", "pkg.mod:Net", "--size", "64", "--mean", "0.5,0.5,0.5"])
     assert cfg.model == "pkg.mod:Net" and cfg.size == 64 and cfg.mean == (0.5, 0.5, 0.5)
     assert logic.parse_app_args([]).model == "efficientnet_lite0"
-    assert [s.param for s in logic.method_settings("scorecam")] == ["max_channels"]
+    assert [s.param for s in logic.method_settings("scorecam")] == ["max_channels", "tolerance"]
     assert logic.method_settings("gradcam") == []
     if "integrated_gradients" in lumos.methods():
         assert {s.param for s in logic.method_settings("integrated_gradients")} == {"steps", "tolerance", "baseline"}

@@ -77,10 +77,11 @@ class RunReport:
     _writer: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     def write(self, path: Path, save: Callable[[Path], object]) -> None:
-        """Encode and write a file on a background thread (PNG and .npy encoding release the GIL, so it
-        overlaps the next batch's model work); :meth:`wait` re-raises the first failure."""
+        """Encode and write a file on one of two background threads (PNG and .npy encoding release the GIL, so
+        it overlaps the next batch's model work, and the last batch's files are written two at a time);
+        :meth:`wait` re-raises the first failure."""
         if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lumos-writer")
+            self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lumos-writer")
         self._pending.append(self._writer.submit(save, path))
         self.written.append(path)
 

@@ -326,7 +326,11 @@ class Setting:
 
 # Known settings by constructor parameter; a method gets those its constructor accepts.
 KNOWN_SETTINGS: dict[str, dict[str, Setting]] = {
-    "scorecam": {"max_channels": Setting("max_channels", "Score-CAM channels", "int", 32, 4, 256, 4)},
+    "scorecam": {  # the library's defaults: the per-image budget (grow to the tolerance, at most 128 masks)
+        "max_channels": Setting("max_channels", "Score-CAM most masks (cap)", "int", 128, 8, 512, 8),
+        "tolerance": Setting("tolerance", "Score-CAM tolerance (estimated 1 - correlation; 0: exactly the cap)",
+                             "float", 0.02, 0.0, 0.2, 0.01),
+    },
     "integrated_gradients": {
         "steps": Setting("steps", "IG steps", "int", 16, 4, 256, 4),
         "tolerance": Setting("tolerance", "IG completeness tolerance (0: exactly the steps)", "float", 0.01, 0.0,

@@ -6,6 +6,7 @@
 - a TorchScript file: ``"model.pt"`` / ``.pth`` / ``.ts`` (``torch.jit.load``);
 - an import path ``"package.module:callable"`` returning an ``nn.Module`` (for example
   ``"torchvision.models:resnet18"``), optionally with a ``weights=`` state-dict file.
+- a saved Keras 3 model: ``"model.keras"`` (run on the torch backend, see ``zoo/keras_model.py``).
 
 TorchScript files and import paths run code from the file or module (on loading and in the dry forward
 that counts the classes): load them from trusted sources only. ``weights=`` files are read with
@@ -402,7 +403,8 @@ def load_model(
 ) -> ModelBundle:
     """Load a model with its preprocessing and class names; the model is returned in eval mode.
 
-    ``spec`` is a zoo name (see :func:`models`), a TorchScript file (``.pt``, ``.pth``, ``.ts``), or
+    ``spec`` is a zoo name (see :func:`models`), a TorchScript file (``.pt``, ``.pth``, ``.ts``), a saved
+    Keras 3 model (``.keras``: see ``docs/keras.md`` for its input range and size defaults), or
     ``"package.module:callable"`` (a callable or ``nn.Module`` class taking no arguments, or a module
     instance). ``weights`` is a state-dict file loaded strictly with ``torch.load(weights_only=True)``
     (a ``{"state_dict": ...}`` checkpoint and a ``module.`` prefix are unwrapped). ``size``, ``mean``
@@ -428,7 +430,16 @@ def load_model(
         name = key
     else:
         path = Path(text)
-        if path.suffix.lower() in TORCHSCRIPT_SUFFIXES or path.is_file():
+        if path.suffix.lower() == ".keras":  # Keras 3 on the torch backend (zoo/keras_model.py)
+            from lumos.zoo.keras_model import load_keras
+
+            if weights is not None:
+                raise ModelLoadError("weights= applies to zoo names and import paths; a .keras file has its weights.")
+            model = load_keras(path)
+            size = model.input_size if size is None else size
+            mean = (0.0, 0.0, 0.0) if mean is None else mean
+            std = (1.0 / model.pixel_range,) * 3 if std is None else std
+        elif path.suffix.lower() in TORCHSCRIPT_SUFFIXES or path.is_file():
             if not torchscript:
                 refuse_torchscript(path)
             if weights is not None:

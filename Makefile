@@ -42,7 +42,7 @@ demo: $(DEMO_STAMP)
 	$(VENV)/bin/lumos demo --out out
 
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadscope
 
 app: $(APP_STAMP)
 	$(VENV)/bin/lumos app $(if $(MODEL),--model $(MODEL)) $(if $(PORT),--port $(PORT))

@@ -81,12 +81,13 @@ class Tokens(nn.Module):
 
 @pytest.mark.parametrize("method", ["gradcam", "layercam", "scorecam", "eigencam", "cam", "guided_gradcam",
                                     "gradcam++", "xgradcam", "hirescam", "smoothgrad"])
-def test_token_layer_is_a_one_line_error(method):
+def test_layer_without_a_map_is_a_one_line_error(method):
+    # token layers ('mix') get an inferred grid now (tests/test_transformer_layers.py); a B x K output has none
     kwargs = {"base": "gradcam", "n_samples": 2} if method == "smoothgrad" else {}
-    with pytest.raises(lumos.LumosError, match=r"Layer 'mix' outputs shape \(2, 16, 8\), not a B x C x h x w map"):
-        lumos.explain(Tokens().eval(), images(), method=method, layer="mix", **kwargs)
+    with pytest.raises(lumos.LumosError, match=r"Layer 'head' outputs shape \(2, 3\), not a B x C x h x w map"):
+        lumos.explain(Tokens().eval(), images(), method=method, layer="head", **kwargs)
     with pytest.raises(lumos.LumosError, match="not a B x C x h x w map"):
-        lumos.feature_maps(Tokens(), images(), layer="mix")
+        lumos.feature_maps(Tokens(), images(), layer="head")
 
 
 def test_a_layout_turns_tokens_into_a_map():

@@ -12,7 +12,7 @@ from lumos.capture import Capture
 from lumos.engine import check_input, guard
 from lumos.errors import LumosError, positive_int
 from lumos.explanation import Explanation
-from lumos.layers import LayerSpec, Layout, resolve_sites
+from lumos.layers import LayerSpec, LayoutSpec, resolve_sites
 from lumos.methods import method_class, methods
 from lumos.targets import TargetSpec
 
@@ -45,7 +45,7 @@ class FeatureMaps:
 
 
 def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n: int = 16,
-                 layout: Layout | None = None) -> FeatureMaps:
+                 layout: LayoutSpec = None) -> FeatureMaps:
     """Record a layer's feature maps for ``x`` and rank its channels by mean activation.
 
     A layer without spatial extent (1 x 1, e.g. global pooling) is a one-line :class:`LumosError`: it has
@@ -56,7 +56,7 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n
         sites = resolve_sites(model, layer, x, layout)
         if len(sites) != 1:
             raise LumosError("feature_maps shows one layer at a time.")
-        (site,) = sites
+        site = sites[0].for_input(x.shape)
         with Capture({site.name: site.module}, grad=False) as cap:
             model(x)
     if site.name not in cap.activations:

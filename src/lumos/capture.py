@@ -38,7 +38,10 @@ class Capture:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook_for(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output: object) -> torch.Tensor:
+        def hook(module: nn.Module, inputs: tuple, output: object) -> object:
+            if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+                # A layer returning (hidden states, ...) (Hugging Face blocks): record the hidden states.
+                return (hook(module, inputs, output[0]), *output[1:])
             if not isinstance(output, torch.Tensor):
                 raise LayerCallError(
                     f"Layer '{name}' returns {type(output).__name__}, not a tensor; choose a layer whose "

@@ -158,7 +158,7 @@ def forward(
     ``grad_mode``: ``"sites"`` -- autograd from the first site on (CAMs); ``"input"`` -- from the input
     (pixel attributions); ``"none"`` -- no autograd (perturbation methods, activation CAMs).
     """
-    sites = list(sites)
+    sites = [s.for_input(x.shape) for s in sites]  # token grids follow the input size
     with ExitStack() as stack:
         state = stack.enter_context(backward_rules(rule)) if rule else None
         if grad_mode == "input":

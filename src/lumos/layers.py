@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from lumos.capture import add_forward_hook
+from lumos import layouts
 from lumos.errors import LumosError, close_matches
+from lumos.layouts import ChannelsLast, LayoutError, first_tensor
 
 log = logging.getLogger(__name__)
 
 LayerSpec = nn.Module | str | Sequence[nn.Module | str]
 Layout = Callable[[torch.Tensor], torch.Tensor]
+LayoutSpec = Layout | str | None
 
 
 class LayerError(LumosError):
@@ -40,6 +42,11 @@ class Site:
     def auto(self) -> bool:
         return isinstance(self.name, AutoLayer)
 
+    def for_input(self, shape: Sequence[int]) -> Site:
+        """This site for inputs of ``shape`` (B, C, H, W): a token layout follows the input's size."""
+        bind = getattr(self.layout, "for_input", None)
+        return self if bind is None else replace(self, layout=bind(tuple(shape)))
+
     def to_map(self, t: torch.Tensor) -> torch.Tensor:
         """The layer output (or its gradient) as B x C x h x w; anything else is a one-line error."""
         shape = tuple(t.shape)
@@ -55,52 +62,99 @@ class Site:
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One module as seen in a dry forward: its name, type, output shape and how often it ran."""
+    """One module as seen in a dry forward: its name, type, output shape (the first tensor of a tuple), how
+    often it ran, and how its output becomes a map (``layout``: ``NCHW``, ``NHWC 7x7``, ``tokens 1+14x14``,
+    empty when it does not)."""
 
     name: str
     type: str
     shape: tuple[int, ...] | None
     calls: int
+    layout: str = ""
 
 
 def trace_layers(model: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
-    """Run one no-grad forward of ``x`` and list every sub-module in the order it finished.
+    """Run one no-grad forward of ``x[:1]`` and list every sub-module in the order it finished.
 
-    The caller is responsible for model state (see ``capture.model_guard``).
+    The forward is cached per model and input shape (see ``lumos.layouts.trace``). The caller is responsible
+    for model state (see ``capture.model_guard``).
     """
-    names = {m: n for n, m in model.named_modules() if n}
-    order: dict[str, LayerInfo] = {}
+    return [LayerInfo(i.name, i.type, i.shape, i.calls,
+                      layouts.describe(i.layout, i.shape) if i.status in ("map", "layout") else "")
+            for i in layouts.trace(model, x[:1]).layers.values()]
 
-    def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        name = names[module]
-        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else None
-        calls = order.pop(name).calls + 1 if name in order else 1
-        order[name] = LayerInfo(name, type(module).__name__, shape, calls)
 
-    handles = []
-    try:
-        for m, n in names.items():
-            handles.append(add_forward_hook(m, hook, n))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return list(order.values())
+def _gives_map(info: layouts.LayerLayout) -> bool:
+    grid = info.grid
+    return info.calls == 1 and info.status in ("map", "layout") and grid is not None and min(grid) > 1
 
 
 def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
-    """Name of the last module (in forward order) that outputs a spatial 4-D map (H, W > 1) once."""
-    candidates = [
-        info
-        for info in trace_layers(model, x[:1])
-        if info.calls == 1 and info.shape is not None and len(info.shape) == 4 and min(info.shape[2:]) > 1
-    ]
-    if not candidates:
+    """The layer ``layer="auto"`` explains.
+
+    CNNs: the last module (in forward order) that outputs a spatial 4-D map (H, W > 1) once. Models with
+    token or channels-last layers (transformers): the last block, block norm or stage output whose spatial
+    positions receive gradient from the top-scoring output -- not the layers after a class token's last
+    attention, whose patch tokens no longer reach the prediction (their maps would be zero).
+    """
+    trace_layers(model, x[:1])
+    trace = layouts.trace(model, x[:1])
+    if trace.auto is None:
+        trace.auto = _choose(model, x[:1], [i for i in trace.layers.values() if _gives_map(i)])
+    return trace.auto
+
+
+def _choose(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> str:
+    if not infos:
         raise LayerError(
-            "Found no layer with a spatial 4-D output (B x C x H x W, H and W > 1); pass layer= explicitly."
+            "Found no layer with a spatial 4-D output (B x C x H x W, H and W > 1) or token grid; pass layer= "
+            "explicitly."
         )
-    return candidates[-1].name
+    if not any(i.status == "layout" for i in infos):
+        return infos[-1].name
+    candidates = [i for i in infos if not i.leaf or i.norm][::-1]
+    reached = _spatial_gradients(model, x[:1], candidates)
+    for info in candidates:
+        if reached.get(info.name, False):
+            return info.name
+    raise LayerError(
+        "The top output's gradient reaches the spatial positions of no block or norm layer (an untrained head "
+        "initialised to zero?); pass layer= explicitly."
+    )
+
+
+def _spatial_gradients(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> dict[str, bool]:
+    """Per layer: whether the top output's gradient reaches at least half of its spatial positions."""
+    modules = dict(model.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            acts.setdefault(name, first_tensor(output))
+
+        return hook
+
+    handles = [modules[i.name].register_forward_hook(record(i.name)) for i in infos]
+    try:
+        with torch.enable_grad():
+            out = first_tensor(layouts.model_output(model(x.detach().clone().requires_grad_(True))))
+            if out is None or not out.requires_grad:
+                return {}
+            score = out.flatten(1)[0].max()
+            names = [i.name for i in infos if acts.get(i.name) is not None and acts[i.name].requires_grad]
+            grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    by_name = {i.name: i for i in infos}
+    reached = {}
+    for name, g in zip(names, grads, strict=True):
+        if g is None:
+            continue
+        layout = by_name[name].layout
+        g = layout(g) if layout is not None else g
+        reached[name] = bool(((g.abs().sum(1) > 0).float().mean() >= 0.5).item())
+    return reached
 
 
 def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = None) -> dict[str, nn.Module]:
@@ -136,10 +190,53 @@ def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = 
 
 
 def resolve_sites(
-    model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = None, layout: Layout | None = None
+    model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = None, layout: LayoutSpec = None
 ) -> list[Site]:
-    """The layers of a spec as :class:`Site` objects, each with ``layout`` (None: conv maps)."""
-    return [Site(name, module, layout) for name, module in resolve_layers(model, layer, x).items()]
+    """The layers of a spec as :class:`Site` objects.
+
+    A site's layout is ``layout`` when given (a function to B x C x h x w, or ``"nchw"`` / ``"nhwc"``), else
+    the module's own ``lumos_layout`` attribute when it has one (model adapters set it), else inferred from a
+    dry forward of ``x`` (see :mod:`lumos.layouts`: token grids, channels-last maps; cached per model and
+    input shape). A layer whose layout cannot be inferred is a one-line :class:`LayoutError`."""
+    given = parse_layout(layout)
+    sites = []
+    for name, module in resolve_layers(model, layer, x).items():
+        site_layout = given if given is not None else getattr(module, "lumos_layout", None)
+        if site_layout is None and x is not None:
+            site_layout = infer_layout(model, name, x)
+        sites.append(Site(name, module, site_layout))
+    return sites
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def parse_layout(layout: LayoutSpec) -> Layout | None:
+    """``layout=``: a function, ``"nchw"`` (the output as it is) or ``"nhwc"`` (channels last), or None."""
+    if layout is None or callable(layout):
+        return layout
+    key = str(layout).strip().lower()
+    if key in ("nchw", "channels_first"):
+        return _as_is
+    if key in ("nhwc", "channels_last"):
+        return ChannelsLast()
+    raise LayoutError(f"layout={layout!r} is not known; give 'nchw', 'nhwc' or a function to B x C x h x w.")
+
+
+def infer_layout(model: nn.Module, name: str, x: torch.Tensor) -> Layout | None:
+    """The inferred layout of layer ``name`` for inputs like ``x`` (None: its output already is a map, or it
+    gives none and :meth:`Site.to_map` says so)."""
+    info = layouts.trace(model, x[:1]).layers.get(name)
+    if info is None or info.calls > 1:
+        return None  # did not run, or ran twice: the engine's own one-line errors follow
+    if info.status == "ambiguous":
+        shape = "x".join(map(str, info.shape or ()))
+        raise LayoutError(
+            f"Layer '{name}' outputs {shape} and {info.reason}; pass layout= ('nhwc', 'nchw' or a function to "
+            "B x C x h x w)."
+        )
+    return info.layout
 
 
 def is_auto(layer: LayerSpec) -> bool:

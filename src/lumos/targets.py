@@ -35,6 +35,9 @@ class TargetError(LumosError):
 
 def select_output(output: object, selector: OutputSpec) -> torch.Tensor:
     """Pick the tensor to explain from a model output (tensor, tuple/list or dict)."""
+    logits = getattr(output, "logits", None)  # a Hugging Face ModelOutput: the prediction is .logits
+    if selector is None and isinstance(logits, torch.Tensor) and not isinstance(output, torch.Tensor):
+        output = logits
     if callable(selector):
         output = selector(output)
     elif selector is not None:
@@ -224,6 +227,8 @@ def resolve_targets(
     squashed: bool | None = None,
 ) -> Targets:
     """Turn a target spec into per-image scores (B, K) on the graph of ``output``, and its :class:`Target`."""
+    if hasattr(target, "resolve_targets"):  # a task target (lumos.tasks: detection boxes) resolves itself
+        return target.resolve_targets(output)  # type: ignore[union-attr]
     if callable(target) and not isinstance(target, torch.Tensor):
         resolved = Target(None, target, "none")
         return Targets(resolved.scores(output), None, None, resolved)

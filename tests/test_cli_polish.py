@@ -222,8 +222,8 @@ def test_explain_method_all_names_files_by_registered_names(here):
     out = here / "all"
     code, stdout, err = _lumos("explain", "one.png", *TINY, "--method", "all", "--out", out, cwd=here)
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"one_{m}.png" for m in methods())
-    assert f"with {len(methods())} method(s)" in stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"one_{m}.png" for m in methods(general=True))
+    assert f"with {len(methods(general=True))} method(s)" in stdout
 
 
 def test_method_and_methods_in_every_command(capsys, tmp_path, here, monkeypatch):

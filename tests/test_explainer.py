@@ -81,7 +81,7 @@ def test_method_objects_keep_no_call_state():
     torch.manual_seed(0)
     net = GapNet(classes=4).eval()
     x = torch.randn(2, 3, 16, 16)
-    for name in lumos.methods():
+    for name in lumos.methods(general=True):
         kwargs = {"steps": 8} if name == "integrated_gradients" else {"n_masks": 16} if name == "rise" else \
             {"window": 4, "stride": 4} if name == "occlusion" else {"n_samples": 2} if name == "smoothgrad" else {}
         method = lumos.method_class(name)(net, "features", **kwargs)
@@ -105,5 +105,9 @@ def test_one_probability_decision_and_one_builder_in_the_library():
                 hits.append(f"{path.relative_to(SRC)}:{n}")
             if build.search(code) and "class Explanation" not in code and "->" not in code and "``" not in code:
                 builders.append(f"{path.relative_to(SRC)}:{n}")
-    assert {h.split(":")[0] for h in hits} == {"targets.py"}, hits
+    # besides targets.py, only code that is part of a model, not a decision on its output: attention
+    # probabilities (attention.py), the shipped detector's own sigmoid head, and the detector adapters that
+    # turn a detector's raw outputs into the dense box format with the activation its user declares
+    model_side = {"attention.py", "synthetic/detector.py", "tasks/adapters.py"}
+    assert {h.split(":")[0] for h in hits} - model_side == {"targets.py"}, hits
     assert {b.split(":")[0] for b in builders} <= {"engine.py", "explanation.py"}, builders

@@ -73,15 +73,16 @@ def _load_parsed(model: str, weights: str | Path | None, size: int | None, mean:
     return bundle
 
 
-def parse_methods(text: str) -> list[str]:
-    """Method names from ``--method`` (alias ``--methods``): comma-separated names or aliases, or ``all``;
-    aliases resolved to registered names; a method given twice runs once (with a note)."""
+def parse_methods(text: str, transformer: bool = False) -> list[str]:
+    """Method names from ``--method`` (alias ``--methods``): comma-separated names or aliases, or ``all``
+    (every method that works on any model; with ``transformer=True`` the attention methods too); aliases
+    resolved to registered names; a method given twice runs once (with a note)."""
     from lumos.api import method_class, methods
     from lumos.runner import parse_list
 
     names: list[str] = []
     for item in parse_list(text, what="method"):
-        names += methods() if item.lower() == "all" else [method_class(item).name]
+        names += methods(general=not transformer) if item.lower() == "all" else [method_class(item).name]
     unique = list(dict.fromkeys(names))
     twice = [n for n in unique if names.count(n) > 1]
     if twice and "all" not in {t.lower() for t in parse_list(text, what="method")}:

@@ -41,7 +41,7 @@ def evaluate(
     """Which explanation can be trusted, for this model? Deletion/insertion, average drop, pointing game, sanity
     checks; a table, a plain-language reading and a recommended method."""
     from lumos.cli_common import StepProgress, _load, _make_dir, err_console, format_times, out_console, parse_methods
-    from lumos.evaluate.benchmark import RANDOM, evaluate_methods, synthetic_benchmark
+    from lumos.evaluate.benchmark import RANDOM, SYNTHETIC_MODELS, evaluate_methods, synthetic_benchmark
     from lumos.evaluate.report import (
         STAR_NOTE,
         format_reading,
@@ -55,7 +55,7 @@ def evaluate(
     from lumos.explainer import ExplainSpec, resolve_device, supply_objects
     from lumos.method_settings import parse_settings
 
-    names = parse_methods(method)
+    names = parse_methods(method, transformer=benchmark is not None and model.lower() == "vit")
     method_kwargs = parse_settings(settings or [], names)
     ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work
     where = resolve_device(device)
@@ -71,12 +71,15 @@ def evaluate(
         if images:
             raise LumosError("Give either image files or --benchmark, not both.")
 
+        net = "tinycnn" if model == "efficientnet_lite0" else model.lower()  # the zoo default means TinyCNN here
+        if net not in SYNTHETIC_MODELS:
+            raise LumosError(f"--benchmark synthetic runs --model {' or '.join(SYNTHETIC_MODELS)}, not '{model}'.")
         _make_dir(out)
         with StepProgress("evaluate", len(names) + 1, err_console) as progress:
             report = synthetic_benchmark(
                 names, n=n, steps=steps or 64, batch_size=batch_size,
                 tolerance=2.0 if tolerance is None else tolerance, sanity=sanity, method_kwargs=method_kwargs,
-                on_method=progress.step, device=where,
+                on_method=progress.step, device=where, model=net,
             )
         if sanity:
             from lumos.synthetic import make_dataset

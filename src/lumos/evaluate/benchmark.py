@@ -25,6 +25,7 @@ from lumos.evaluate.sanity import CascadingRandomisation, CascadingResult
 log = logging.getLogger(__name__)
 
 RANDOM = "random"
+SYNTHETIC_MODELS = ("tinycnn", "vit")
 
 #: True when a higher value is better.
 DIRECTIONS: dict[str, bool] = {
@@ -205,9 +206,11 @@ def synthetic_benchmark(
     on_method: Callable[[str], None] | None = None,
     method_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     device: str | torch.device | None = None,
+    model: str = "tinycnn",
 ) -> EvaluationReport:
-    """Every method (default: ``lumos.methods()``) plus ``random`` on ``n`` synthetic images (seed 123 is
-    held out from training) with the bundled TinyCNN, explaining the true class at ``features.block4``.
+    """Every method (default: ``lumos.methods(general=True)``, for the ViT all of them) plus ``random`` on ``n`` synthetic images (seed 123 is
+    held out from training) with the bundled TinyCNN, explaining the true class at ``features.block4``;
+    ``model="vit"``: the bundled TinyViT, CAMs at its token layer ``blocks.0`` (16 x 16 grid).
 
     The tolerance defaults to 2 px: one CAM cell spans 4 px of the 64 x 64 images (the usual 15 px is
     for 224 x 224 photos). ``device``: where the model and images go (``lumos.explainer.resolve_device``;
@@ -217,14 +220,24 @@ def synthetic_benchmark(
     from lumos.explainer import resolve_device
     from lumos.synthetic import load_tinycnn, make_dataset
 
+    if model not in SYNTHETIC_MODELS:
+        raise LumosError(f"The synthetic benchmark runs model {' or '.join(SYNTHETIC_MODELS)}, not '{model}'.")
     where = torch.device("cpu") if device is None else resolve_device(device)
     data = make_dataset(n, seed=seed)
-    model = load_tinycnn().to(where)
+    names = all_methods(general=model != "vit") if methods is None else methods
+    layer = "features.block4"
+    if model == "vit":
+        from lumos.synthetic.vit import CAM_LAYER, load_tinyvit, token_map
+
+        layer, net = CAM_LAYER, load_tinyvit().to(where)
+        method_kwargs = {m: {"layout": token_map, **(method_kwargs or {}).get(m, {})} for m in names}
+    else:
+        net = load_tinycnn().to(where)
     report = evaluate_methods(
-        model, data.images.to(where), all_methods() if methods is None else methods, data.labels.to(where),
+        net, data.images.to(where), names, data.labels.to(where),
         data.masks.to(where),
-        layer="features.block4", steps=steps, batch_size=batch_size, tolerance=tolerance, sanity=sanity,
+        layer=layer, steps=steps, batch_size=batch_size, tolerance=tolerance, sanity=sanity,
         sanity_images=4, sanity_steps=None, on_method=on_method, method_kwargs=method_kwargs,
     )
-    report.meta.update({"benchmark": "synthetic", "n": n, "data_seed": seed, "model": "tinycnn"})
+    report.meta.update({"benchmark": "synthetic", "n": n, "data_seed": seed, "model": model})
     return report

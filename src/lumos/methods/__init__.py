@@ -1,6 +1,7 @@
 """Explanation methods. Each registers itself by name in ``REGISTRY``."""
 
 from lumos.methods.activation_cams import CAM, EigenCAM
+from lumos.methods.attention import AttentionRollout, GradientRollout
 from lumos.methods.base import REGISTRY, LayerMethod, Method, RegionMethod, display_name, method_class, methods
 from lumos.methods.gradient_cams import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from lumos.methods.integrated import IntegratedGradients
@@ -18,6 +19,8 @@ from lumos.methods.scorecam import ScoreCAM
 from lumos.methods.smoothgrad import SmoothGrad
 
 __all__ = [
+    "AttentionRollout",
+    "GradientRollout",
     "Method",
     "display_name",
     "method_class",

@@ -24,7 +24,8 @@ from lumos.targets import OutputSpec, TargetSpec, check_probs
 REGISTRY: dict[str, type[Method]] = {}
 ALIASES = {"gradcampp": "gradcam++", "gradcamplusplus": "gradcam++", "grad-cam": "gradcam", "score-cam": "scorecam",
            "layer-cam": "layercam", "eigen-cam": "eigencam", "grad-cam++": "gradcam++", "xgrad-cam": "xgradcam",
-           "hires-cam": "hirescam", "ig": "integrated_gradients", "guided-gradcam": "guided_gradcam"}
+           "hires-cam": "hirescam", "ig": "integrated_gradients", "guided-gradcam": "guided_gradcam",
+           "attention_rollout": "rollout", "grad-rollout": "grad_rollout", "gradient_rollout": "grad_rollout"}
 
 
 DISPLAY_NAMES = {
@@ -45,6 +46,8 @@ DISPLAY_NAMES = {
     "smoothgrad": "SmoothGrad",
     "occlusion": "Occlusion",
     "rise": "RISE",
+    "rollout": "Attention rollout",
+    "grad_rollout": "Gradient-weighted rollout",
 }
 
 
@@ -60,9 +63,10 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def methods() -> list[str]:
-    """Names accepted by ``explain(method=...)``."""
-    return sorted(REGISTRY)
+def methods(*, general: bool = False) -> list[str]:
+    """Names accepted by ``explain(method=...)``; ``general=True``: only those that work on any model (what
+    ``--method all`` runs; attention methods need a transformer and are chosen by name)."""
+    return sorted(n for n, cls in REGISTRY.items() if cls.any_model or not general)
 
 
 def method_class(name: str) -> type[Method]:
@@ -95,6 +99,7 @@ class Method:
     grad_mode: ClassVar[str] = "sites"
     rule: ClassVar[Rule | None] = None
     uses_layer: ClassVar[bool] = True
+    any_model: ClassVar[bool] = True  # False: needs a kind of model (attention methods: a transformer)
 
     def __init__(
         self,

@@ -92,6 +92,30 @@ def _check_colormap(name: str) -> None:
                          f"Common ones: {', '.join(COMMON_COLORMAPS)}; any matplotlib colormap name works.")
 
 
+def _explain_task(task: str, images: list[Path], model: str, method: str, out: Path) -> None:
+    """``lumos explain --task detection|segmentation``: per image the boxes (or class regions) drawn, one
+    overlay per box (region) and a gallery, for the shipped synthetic detector or segmenter."""
+    from lumos.cli_tasks import TASKS, run_task
+    from lumos.io import find_images
+    from lumos.runner import parse_list
+
+    if task not in TASKS:
+        raise LumosError(f"Unknown --task '{task}'; use classification, {' or '.join(TASKS)}.")
+    if model != "efficientnet_lite0":
+        raise LumosError(f"--task {task} explains the shipped synthetic {task} model; for your own model use "
+                         "lumos.tasks from Python (docs/detection.md).")
+    methods = parse_list(method, what="method")
+    files, problems = find_images(images)
+    for path, why in problems:
+        err_console.print(f"error: {path}: {why}", highlight=False, markup=False)
+    _check_out(out)
+    _make_dir(out)
+    written = [p for m in methods for p in run_task(task, files, out / m if len(methods) > 1 else out, method=m)]
+    out_console.print(f"wrote {len(written)} files to {out}", highlight=False, markup=False)
+    if problems or not files:
+        raise typer.Exit(1)
+
+
 def _print_prediction(name: str, prediction) -> None:
     top = ", ".join(f"{label} {p:.2f}" for _, label, p in prediction.top)
     out_console.print(f"{name}: {top}", highlight=False)
@@ -124,10 +148,18 @@ def explain(
     std: StdOpt = None,
     labels: LabelsOpt = None,
     device: DeviceOpt = "auto",
+    task: Annotated[str, typer.Option(
+        metavar="classification|detection|segmentation", help="detection: draw the boxes and explain each one; "
+        "segmentation: explain each predicted class region (the shipped synthetic detector / segmenter; "
+        "lumos.tasks explains other models from Python).")] = "classification",
 ) -> None:
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.io import find_images, load_image
     from lumos.runner import SAVE_FORMATS, explain_images, parse_list, write_gallery
+
+    if task != "classification":
+        _explain_task(task, images, model, method, out)
+        return
 
     formats = parse_list(save, SAVE_FORMATS, what="save format")
     if not 0 <= alpha <= 1:
@@ -256,10 +288,13 @@ def layers(
     size: SizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
-    all: Annotated[bool, typer.Option("--all", help="Also list layers without a 4-D map output.")] = False,
+    all: Annotated[bool, typer.Option("--all", help="Also list layers without a map (4-D or token grid).")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """List the model's layers with their output shapes (one dry forward); mark the auto choice."""
+    """List the model's layers with their output shapes (one dry forward); mark the auto choice.
+
+    Token layers (B x N x D) and channels-last maps show the grid lumos infers, e.g. [tokens 1+14x14]
+    (one class token and a 14 x 14 grid) or [NHWC 7x7]."""
     import torch
 
     from lumos.capture import model_guard
@@ -274,15 +309,18 @@ def layers(
             chosen = auto_layer(bundle.model, x)
         except LayerError:  # no layer gives a map: nothing to mark, the listing still stands
             chosen = None
-    shown = [info for info in infos if all or (info.shape is not None and len(info.shape) == 4)]
+    shown = [info for info in infos if all or info.layout]
     for info in shown:
         shape = "x".join(map(str, info.shape[1:])) if info.shape else "-"
+        layout = f"  [{info.layout}]" if info.layout not in ("", "NCHW") else ""
         mark = "  <- auto" if info.name == chosen else ""
         calls = f"  (runs {info.calls}x)" if info.calls > 1 else ""
-        out_console.print(f"{info.name:<40} {info.type:<20} {shape}{calls}{mark}", highlight=False)
+        out_console.print(f"{info.name:<40} {info.type:<20} {shape}{layout}{calls}{mark}", highlight=False,
+                          markup=False)
     if not shown:
-        out_console.print(f"No layer of this model outputs a 4-D map (B x C x H x W), so there is none to explain; "
-                          f"`lumos layers --all` lists every layer ({len(infos)}).", highlight=False, markup=False)
+        out_console.print(f"No layer of this model outputs a 4-D map (B x C x H x W) or a token grid, so there is "
+                          f"none to explain; `lumos layers --all` lists every layer ({len(infos)}).", highlight=False,
+                          markup=False)
 
 
 @app.command("methods")
@@ -391,9 +429,11 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 
 def _register_subcommands() -> None:
     from lumos.cli_app import register as register_app
+    from lumos.cli_dataset import register as register_dataset
     from lumos.cli_evaluate import register as register_evaluate
 
     register_evaluate(app)
+    register_dataset(app)
     register_app(app)
     for info in app.registered_commands:  # every command's --help shows metavars, not Python types
         if info.cls in (None, TyperCommand):

@@ -209,7 +209,8 @@ def synthetic_benchmark(
     model: str = "tinycnn",
 ) -> EvaluationReport:
     """Every method (default: ``lumos.methods(general=True)``; for the ViT all of them) plus ``random`` on ``n``
-    synthetic images (seed 123 is held out from training) with the bundled TinyCNN, explaining the true class at ``features.block4``;
+    synthetic images (seed 123 is held out from training) with the bundled TinyCNN, explaining the true class at
+    ``features.block4``;
     ``model="vit"``: the bundled TinyViT, CAMs at its token layer ``blocks.0`` (16 x 16 grid).
 
     The tolerance defaults to 2 px: one CAM cell spans 4 px of the 64 x 64 images (the usual 15 px is

@@ -1,0 +1,99 @@
+"""``explain_dataset``: a whole data set through one spec into a resumable store, locally or on Ray."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lumos.dataset.batch import BatchWorker, RunOptions, spec_hash
+from lumos.dataset.sources import Item, list_items
+from lumos.dataset.store import Store, chunk_ranges
+from lumos.errors import LumosError
+from lumos.explainer import Explainer, ExplainSpec
+
+__all__ = ["DatasetRun", "explain_dataset", "ENGINES"]
+
+ENGINES = ("local", "ray")
+
+
+@dataclass
+class DatasetRun:
+    """What a run did: images in the data set, how many were explained now / found done, the problems met
+    while listing (path, why)."""
+
+    store: Path
+    images: int
+    explained: int
+    skipped: int
+    problems: list[tuple[str, str]] = field(default_factory=list)
+
+
+def explain_dataset(
+    inputs: Sequence[str | os.PathLike[str]] | Sequence[Item],
+    spec: ExplainSpec,
+    store: str | os.PathLike[str],
+    *,
+    options: RunOptions | None = None,
+    engine: str = "local",
+    batch_size: int = 32,
+    workers: int = 2,
+    restart: bool = False,
+    on_start: Callable[[int, int], None] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    ray: dict[str, Any] | None = None,
+    explainer: Explainer | None = None,
+) -> DatasetRun:
+    """Explain every image of ``inputs`` (folders, globs, list files, Parquet tables, or :class:`Item` s) with
+    ``spec`` into the store folder ``store``; re-running the same call resumes where a crash left it.
+
+    ``engine="local"`` decodes in ``workers`` processes and explains here; ``"ray"`` maps batches over Ray
+    actors (``ray``: ``address``, ``concurrency``, ``num_gpus``, ``threads``, see :func:`.ray_engine.run_ray`).
+    ``on_start(total, done)`` is called once with the image count and how many were done already;
+    ``on_batch(n)`` after every explained batch (the local engine) or block of results (Ray). ``explainer``
+    reuses an already loaded :class:`Explainer` of ``spec`` (the local engine explains with it).
+    """
+    options = options or RunOptions()
+    if engine not in ENGINES:
+        raise LumosError(f"Unknown engine '{engine}'; use {' or '.join(ENGINES)}.")
+    if batch_size < 1:
+        raise LumosError(f"The batch size must be a positive integer, got {batch_size}.")
+    if workers < 0:
+        raise LumosError(f"The number of decode workers must be 0 or more, got {workers}.")
+    if inputs and all(isinstance(i, Item) for i in inputs):
+        items, problems = list(inputs), []  # type: ignore[arg-type]
+    else:
+        items, problems = list_items(inputs)  # type: ignore[arg-type]
+    if not items:
+        why = "; ".join(f"{p}: {w}" for p, w in problems[:3])
+        raise LumosError(f"No image to explain{': ' + why if why else ''}.")
+    worker = BatchWorker(spec, options, explainer)  # loads the model: layer, class and labels checked before any work
+    for label in dict.fromkeys(it.label for it in items if it.label is not None):
+        worker.label_index(label)
+    meta = {"spec_text": _spec_text(spec, options), "spec": repr(spec), "options": repr(options),
+            "map_dtype": options.map_dtype, "methods": spec.method_names, "target_kinds": list(options.kinds),
+            "labels": None if worker.labels is None else list(worker.labels)}
+    st = Store.open(store, items, spec_hash(spec, options), meta, options.chunk_size, restart=restart)
+    done = st.done_chunks()
+    chunks = [(k, r) for k, r in chunk_ranges(len(items), options.chunk_size) if k not in done]
+    todo = sum(len(r) for _, r in chunks)
+    if on_start is not None:
+        on_start(len(items), len(items) - todo)
+    if engine == "local":
+        from lumos.dataset.local import run_local
+
+        run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
+    else:
+        from lumos.dataset.ray_engine import run_ray
+
+        run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
+    return DatasetRun(st.root, len(items), todo, len(items) - todo, problems)
+
+
+def _spec_text(spec: ExplainSpec, options: RunOptions) -> str:
+    """A short description for the refusal message: model, methods, target, layer, precision."""
+    target = options.target if options.target != "class" else f"class {spec.target}"
+    return (f"model {spec.model.name}, methods {','.join(spec.method_names)}, target {target}, layer {spec.layer}, "
+            f"maps {options.map_dtype}")

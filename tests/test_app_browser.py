@@ -4,7 +4,9 @@ On a 1280 x 720 window: clicks the example cat photo and checks the first explan
 viewport (no scrolling), adds guided backprop and saves the screenshot the docs use (``LUMOS_SCREENSHOT_DIR``,
 default: pytest's tmp dir; ``LUMOS_SCREENSHOT_COPY=docs/images/app.png`` copies it there). Separately uploads
 the cat photo and prints the time from upload to the first Grad-CAM result (``pytest -s`` shows it; not
-asserted).
+asserted). A third test serves ``lumos app --task detection``: uploads a synthetic scene, sees its boxes listed,
+explains box 2 and saves the screenshot the docs use
+(``LUMOS_SCREENSHOT_COPY_DETECTION=docs/images/app_detection.png``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -65,16 +68,15 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``lumos app --port P`` (on 127.0.0.1, the default host) in its own process group; stopped on every exit
-    path. One server for the module: its start-up (model load and warm-up) is paid once."""
-    tmp_path = tmp_path_factory.mktemp("server")
+@contextmanager
+def _running_app(tmp_path: Path, *args: str):
+    """``lumos app --port P *args`` (on 127.0.0.1, the default host) in its own process group, yielding its URL
+    once it answers; stopped on every exit path."""
     port = _free_port()
     log = (tmp_path / "server.log").open("wb")
     env = {**os.environ, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false", "HOME": str(tmp_path)}
-    proc = subprocess.Popen([*_lumos_command(), "app", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen([*_lumos_command(), "app", "--port", str(port), *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 90
@@ -94,6 +96,13 @@ def server(tmp_path_factory):
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One classification server for the module: its start-up (model load and warm-up) is paid once."""
+    with _running_app(tmp_path_factory.mktemp("server")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -189,3 +198,39 @@ def test_upload_explain_in_browser(server, browser, cat_jpeg):
     text = page.locator("table[data-testid='lumos-top5']").inner_text()
     assert any(c in text for c in CATS), text
     assert not page.get_by_text("Traceback").count()
+
+
+def test_detection_upload_boxes_explain_one(browser, tmp_path):
+    """``lumos app --task detection``: upload a synthetic scene, see its boxes, choose box 2 from the list, its
+    explanation appears (screenshot: ``LUMOS_SCREENSHOT_COPY_DETECTION=docs/images/app_detection.png``)."""
+    from lumos.app import task_logic
+
+    scene = tmp_path / "scene.png"
+    task_logic.scene_image("scene 1").resize((256, 256)).save(scene)
+    with _running_app(tmp_path, "--task", "detection") as url:
+        page = browser.new_page(viewport={"width": 1280, "height": 720})
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url)
+        page.get_by_text("Upload a scene or pick an example scene").wait_for()
+        page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(scene))
+        _painted(page, _result(page, "scene.png: 3 detections"))
+        boxes = page.locator('[data-testid="stRadio"] [role="radiogroup"] label')
+        assert boxes.count() == 3
+        assert [t.split(":")[0] for t in boxes.all_inner_texts()] == ["box 1", "box 2", "box 3"]
+        _painted(page, _result(page, "Grad-CAM @ features.block5: box 1"))
+        second = boxes.nth(1).inner_text()
+        boxes.nth(1).click()
+        explained = _result(page, f"Grad-CAM @ features.block5: {second}")
+        _painted(page, explained)
+        box = explained.bounding_box()
+        assert box is not None and box["width"] >= 200 and box["y"] + box["height"] <= 720, box
+        assert not page.get_by_text("Traceback").count()
+        page.evaluate("document.activeElement && document.activeElement.blur()")
+        page.mouse.move(1270, 710)
+        page.wait_for_timeout(500)
+        shot = Path(os.environ.get("LUMOS_SCREENSHOT_DIR", tmp_path)) / "app_detection.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot))
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("LUMOS_SCREENSHOT_COPY_DETECTION"):
+            shutil.copy(shot, os.environ["LUMOS_SCREENSHOT_COPY_DETECTION"])

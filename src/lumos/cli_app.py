@@ -24,7 +24,7 @@ DEFAULT_HOST = "127.0.0.1"
 def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Path | None = None,
                 size: int | None = None, mean: str | None = None, std: str | None = None,
                 labels: Path | None = None, browser: bool = False, host: str = DEFAULT_HOST,
-                device: str = "auto") -> list[str]:
+                device: str = "auto", task: str = "classification") -> list[str]:
     """The ``streamlit run`` command line that serves the app on ``host:port`` (headless unless ``browser``).
 
     ``server.maxUploadSize`` is the app's own limit (``lumos.app.logic.MAX_UPLOAD_MB``), so the server refuses
@@ -38,7 +38,8 @@ def app_command(model: str = "efficientnet_lite0", port: int = 8501, weights: Pa
            "--server.maxUploadSize", str(MAX_UPLOAD_MB),
            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal", "--", "--model", model]
     for flag, value in (("--weights", weights), ("--size", size), ("--mean", mean), ("--std", std),
-                        ("--labels", labels), ("--device", None if device == "auto" else device)):
+                        ("--labels", labels), ("--device", None if device == "auto" else device),
+                        ("--task", None if task == "classification" else task)):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
@@ -63,6 +64,9 @@ def register(app: typer.Typer) -> None:
         std: StdOpt = None,
         labels: LabelsOpt = None,
         browser: Annotated[bool, typer.Option(help="Open a browser tab.")] = False,
+        task: Annotated[str, typer.Option(
+            help="classification, or detection / segmentation: explain the boxes or class regions of the shipped "
+                 "synthetic detector / segmenter (the page can switch task too).")] = "classification",
     ) -> None:
         """Start the interactive saliency explorer (Streamlit) on http://HOST:PORT (127.0.0.1:8501)."""
         try:
@@ -73,14 +77,19 @@ def register(app: typer.Typer) -> None:
             raise LumosError(f"--port must be between 1 and 65535, got {port}.")
         if not host.strip() or any(c.isspace() for c in host.strip()):
             raise LumosError(f"--host must be an address such as 127.0.0.1 or 0.0.0.0, got '{host}'.")
-        from lumos.app import logic
+        from lumos.app import logic, task_logic
 
+        task = task_logic.check_task(task.strip().lower())
         logic.resolve_device(device)  # a bad or absent device: one line, before the model is read (lumos.explainer)
-        cmd = app_command(model, port, weights, size, mean, std, labels, browser, host.strip(), device.strip().lower())
+        cmd = app_command(model, port, weights, size, mean, std, labels, browser, host.strip(), device.strip().lower(),
+                          task)
 
         # Load the model as the page will (same arguments, TorchScript refused before it is read), so a
         # mistake is a one-line error here; the memory goes with this process when it becomes the server.
-        logic.load_bundle(logic.parse_app_args(cmd[cmd.index("--") + 1:]))
+        if task == "classification":
+            logic.load_bundle(logic.parse_app_args(cmd[cmd.index("--") + 1:]))
+        else:  # the page opens on the task's shipped model (the classification model loads if chosen there)
+            task_logic.load_task_model(task)
         if os.name == "posix":  # become the server: signals (Ctrl-C, SIGTERM) reach Streamlit directly
             sys.stdout.flush()
             sys.stderr.flush()

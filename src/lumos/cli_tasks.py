@@ -15,34 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lumos.api import explain
 from lumos.errors import LumosError
 from lumos.io import load_image
-from lumos.render import gallery, overlay, to_pil_image
+from lumos.render import gallery, to_pil_image
+from lumos.render.boxes import PALETTE, draw_boxes, edge_points, explained_box, explained_region  # noqa: F401
+from lumos.render.boxes import label_name as _name
 from lumos.tasks import DetectionTarget, SegmentationTarget, detections
-
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230)]
-
-
-def _name(label: int, names: Sequence[str] | None) -> str:
-    return names[label] if names is not None and 0 <= label < len(names) else str(label)
-
-
-def draw_boxes(image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
-               names: Sequence[str] | None = None, scale: int = 1) -> Image.Image:
-    """``image`` (upscaled ``scale`` times, nearest) with each box outlined and labelled "class score"."""
-    out = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(out)
-    for k, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist(), strict=True)):
-        colour = PALETTE[int(label) % len(PALETTE)]
-        x0, y0, x1, y1 = (v * scale for v in box)
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=max(1, scale // 2))
-        text = _name(int(label), names) + ("" if scores is None else f" {float(scores[k]):.2f}")
-        draw.text((x0 + 2, max(0, y0 - 11)), text, fill=colour)
-    return out
 
 
 def explain_detection(
@@ -66,8 +47,7 @@ def explain_detection(
     draw_boxes(image, boxes, labels, scores, names, scale).save(paths[0])
     cells, titles = [], []
     for k in range(len(boxes)):
-        big = overlay(image.resize((image.width * scale, image.height * scale), Image.BILINEAR), ex.maps[k])
-        cell = draw_boxes(big, boxes[k:k + 1] * scale, labels[k:k + 1], scores[k:k + 1], names, 1)
+        cell = explained_box(image, ex.maps[k], boxes[k], int(labels[k]), float(scores[k]), names, scale)
         paths.append(out_dir / f"{stem}_box{k}.png")
         cell.save(paths[-1])
         cells.append(cell)
@@ -99,11 +79,7 @@ def explain_segmentation(
     paths, cells, titles = [], [], []
     for c in classes:
         ex = explain(model, x, method, target=SegmentationTarget(c), layer=layer, **settings)
-        cell = overlay(big, ex.maps[0])
-        region = Image.fromarray(((pred == c).numpy() * 255).astype("uint8")).resize(big.size, Image.NEAREST)
-        outline = ImageDraw.Draw(cell)
-        for xy in _edge_points(region):
-            outline.point(xy, fill=(255, 255, 255))
+        cell = explained_region(image, ex.maps[0], pred == c, scale)
         paths.append(out_dir / f"{stem}_class{c}.png")
         cell.save(paths[-1])
         cells.append(cell)
@@ -111,15 +87,6 @@ def explain_segmentation(
     paths.append(out_dir / f"{stem}_segments.png")
     gallery([big], [cells], col_titles=["image", *titles], out=paths[-1], cell_size=2.2)
     return paths
-
-
-def _edge_points(mask: Image.Image) -> list[tuple[int, int]]:
-    """Pixels of a binary mask image on its region's border (drawn as the region's outline)."""
-    m = torch.from_numpy(np.asarray(mask) > 0)
-    inner = m.clone()
-    inner[1:-1, 1:-1] = m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]
-    ys, xs = (m & ~inner).nonzero(as_tuple=True)
-    return list(zip(xs.tolist(), ys.tolist(), strict=True))
 
 
 TASKS = ("detection", "segmentation")

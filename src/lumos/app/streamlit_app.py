@@ -17,7 +17,7 @@ import sys
 import streamlit as st
 import torch
 
-from lumos.app import logic
+from lumos.app import logic, task_logic
 
 # Half the cores, at most 4 (LUMOS_APP_THREADS overrides): on a small shared machine extra intra-op threads
 # spin-wait against other processes, and one thread was ~20x faster than two on a loaded 2-core box.
@@ -26,6 +26,7 @@ torch.set_num_threads(logic.thread_count(os.environ.get("LUMOS_APP_THREADS"), os
 st.set_page_config(page_title="lumos: where does the model look?", layout="wide")
 
 CONFIG = logic.parse_app_args(sys.argv[1:])
+TASK = task_logic.parse_task(sys.argv[1:])  # --task detection|segmentation: the shipped synthetic models' views
 
 
 # ------------------------------------------------------------------------------------------- caching
@@ -95,6 +96,19 @@ def _reset_model_choices() -> None:
 # 1280 x 720 window (only padding: if Streamlit renames the container, the page just keeps its default margins).
 st.html("<style>[data-testid='stMainBlockContainer']{padding:3rem 2rem 2rem 2rem}</style>")
 st.markdown("### lumos: where does the model look?")
+
+# ---- task: classification (below), or the detection / segmentation views (lumos.app.task_page)
+with st.sidebar:
+    if TASK not in task_logic.TASKS:
+        st.error(f"Unknown --task '{TASK}'; use one of {', '.join(task_logic.TASKS)}.")
+    task = st.selectbox("Task", task_logic.TASKS, key="task",
+                        index=task_logic.TASKS.index(TASK) if TASK in task_logic.TASKS else 0,
+                        help="Detection and segmentation explain the shipped synthetic detector / segmenter.")
+if task != "classification":
+    from lumos.app import task_page
+
+    task_page.run(task)
+    st.stop()
 
 # ---- sidebar: input, model and explanation settings
 with st.sidebar:

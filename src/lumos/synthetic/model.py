@@ -47,9 +47,10 @@ class TinyCNN(nn.Module):
         return self.fc(self.flatten(self.pool(self.features(x))))
 
 
-def load_tinycnn() -> TinyCNN:
-    """The TinyCNN trained on :func:`lumos.synthetic.make_dataset` (seed 0), in eval mode."""
-    ref = resources.files("lumos.synthetic").joinpath(WEIGHTS_FILE)
+def load_tinycnn(weights_file: str = WEIGHTS_FILE) -> TinyCNN:
+    """The TinyCNN trained on :func:`lumos.synthetic.make_dataset` (seed 0), in eval mode; ``weights_file``:
+    another TinyCNN weight file shipped in ``lumos.synthetic``."""
+    ref = resources.files("lumos.synthetic").joinpath(weights_file)
     with resources.as_file(ref) as path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     model = TinyCNN(num_classes=state["fc.weight"].shape[0])

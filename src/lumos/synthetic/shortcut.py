@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lumos.synthetic.data import CLASS_NAMES, SyntheticData, make_dataset
-from lumos.synthetic.model import TinyCNN
+from lumos.synthetic.model import TinyCNN, load_tinycnn
 
 __all__ = ["MARK", "MARKED_CLASS", "add_mark", "load_shortcut_cnn", "make_shortcut_dataset", "train_tinycnn",
            "write_image_folder"]
@@ -90,12 +89,7 @@ def write_image_folder(data: SyntheticData, root: str | os.PathLike[str], *, sta
 
 def load_shortcut_cnn() -> TinyCNN:
     """The TinyCNN trained on :func:`make_shortcut_dataset` (the square class marked), in eval mode."""
-    ref = resources.files("lumos.synthetic").joinpath(WEIGHTS_FILE)
-    with resources.as_file(ref) as path:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    model = TinyCNN(num_classes=state["fc.weight"].shape[0])
-    model.load_state_dict(state)
-    return model.eval()
+    return load_tinycnn(WEIGHTS_FILE)
 
 
 def train_tinycnn(data: SyntheticData, *, epochs: int = 10, batch_size: int = 64, lr: float = 3e-3,

@@ -152,7 +152,8 @@ def test_example_shows_the_first_explanation_without_scrolling(server, browser, 
     page.set_default_timeout(TIMEOUT_MS)
     page.goto(server)
     page.get_by_text("Upload an image or pick an example").wait_for()
-    # one upload limit, stated by the uploader itself
+    # one upload limit, stated by the uploader itself (once it has rendered: the heading can come first)
+    page.get_by_text("20MB per file", exact=False).first.wait_for()
     assert page.get_by_text("20MB per file", exact=False).count() == 1
     assert page.get_by_text("200MB", exact=False).count() == 0
 

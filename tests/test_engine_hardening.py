@@ -213,3 +213,37 @@ def test_cli_output_selector_for_dict_models(tmp_path):
                         timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("a.png: class ") and (tmp_path / "o" / "a_occlusion.png").exists()
+
+
+def test_a_layer_returning_a_tuple_is_recorded_through_its_first_element_and_says_so(caplog):
+    """(hidden states, extra) layers (Hugging Face blocks) are explained through the hidden states, and the
+    choice is logged once per layer, not silently and not on every forward."""
+    import logging
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.mean()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Pair()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h, _ = self.block(x)
+            return self.fc(h.mean((2, 3)))
+
+    net, x = Net().eval(), torch.randn(2, 3, 8, 8)
+    with caplog.at_level(logging.INFO, logger="lumos.capture"):
+        ex = lumos.explain(net, x, method="gradcam", layer="block", target=1)
+        lumos.explain(net, x, method="gradcam", layer="block", target=1)
+    ref = lumos.explain(net, x, method="gradcam", layer="block.conv", target=1)
+    torch.testing.assert_close(ex.maps, ref.maps)  # the same activations as the conv that makes them
+    noted = [r.getMessage() for r in caplog.records if "returns a tuple" in r.getMessage()]
+    assert len(noted) == 1 and "'block'" in noted[0] and "(2, 4, 8, 8)" in noted[0]

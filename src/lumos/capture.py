@@ -8,6 +8,8 @@ to the layer is computed and no ``param.grad`` is touched. Never module backward
 
 from __future__ import annotations
 
+import logging
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -15,6 +17,9 @@ import torch
 from torch import nn
 
 from lumos.errors import LumosError
+
+log = logging.getLogger(__name__)
+_TUPLE_NOTED: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # layers whose tuple output was already logged
 
 
 class LayerCallError(LumosError):
@@ -41,6 +46,10 @@ class Capture:
         def hook(module: nn.Module, inputs: tuple, output: object) -> object:
             if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
                 # A layer returning (hidden states, ...) (Hugging Face blocks): record the hidden states.
+                if module not in _TUPLE_NOTED:
+                    _TUPLE_NOTED.add(module)
+                    log.info("lumos: layer '%s' returns a tuple of %d; recording its first element, shape %s",
+                             name, len(output), tuple(output[0].shape))
                 return (hook(module, inputs, output[0]), *output[1:])
             if not isinstance(output, torch.Tensor):
                 raise LayerCallError(

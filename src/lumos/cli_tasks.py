@@ -21,7 +21,7 @@ from lumos.api import explain
 from lumos.errors import LumosError
 from lumos.io import load_image
 from lumos.render import gallery, to_pil_image
-from lumos.render.boxes import PALETTE, draw_boxes, edge_points, explained_box, explained_region  # noqa: F401
+from lumos.render.boxes import draw_boxes, explained_box, explained_region
 from lumos.render.boxes import label_name as _name
 from lumos.tasks import DetectionTarget, SegmentationTarget, detections
 

@@ -116,6 +116,33 @@ def test_sparse_row_backward_gives_the_dense_gradients():
     assert all(torch.allclose(d, s_) for d, s_ in zip(dense, sparse, strict=True))
 
 
+def test_sparse_multiscale_roi_pooling_gives_the_dense_values_and_gradients():
+    ops = pytest.importorskip("torchvision.ops")
+    from lumos.tasks.adapters import sparse_backward
+
+    torch.manual_seed(0)
+    pooler = ops.MultiScaleRoIAlign(["0", "1", "2"], 3, 2)
+    holder = nn.Module()
+    holder.pool = pooler
+    feats = {k: torch.randn(1, 4, s, s, requires_grad=True) for k, s in (("0", 128), ("1", 64), ("2", 32))}
+    xy = torch.rand(40, 2) * 100
+    boxes = [torch.cat([xy, xy + 10 + torch.rand(40, 2) * 400], 1)]  # small and large: every level used
+    dense_out = pooler(feats, boxes, [(512, 512)])
+    levels = pooler.map_levels(boxes)
+    assert len(set(levels.tolist())) == 3
+    g = torch.zeros(40, 4, 3, 3)
+    g[[int((levels == k).nonzero()[0, 0]) for k in range(3)]] = torch.randn(3, 4, 3, 3)  # a region per level
+    dense = torch.autograd.grad(dense_out, list(feats.values()), g)
+    with sparse_backward(holder):
+        out = pooler(feats, boxes, [(512, 512)])
+    assert "forward" not in vars(pooler), "the pooler's own forward must be back after the block"
+    assert out.grad_fn.name().startswith("SparseMultiScaleRoIAlign")
+    assert torch.equal(out, dense_out)
+    sparse = torch.autograd.grad(out, list(feats.values()), g)
+    assert all(torch.allclose(d, s_, atol=1e-6) for d, s_ in zip(dense, sparse, strict=True))
+    assert all(d.abs().max() > 0 for d in dense)
+
+
 # -- gradients: a hand-made dense detector whose box k sees only its own quadrant -------------------------
 class QuadrantDetector(nn.Module):
     """Two predictions: box 0 (top-left quadrant) scores class 0 from the top-left of the feature map, box 1

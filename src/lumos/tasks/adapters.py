@@ -13,8 +13,9 @@ torchvision is never imported here: the wrapped detector is built by the caller 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -105,6 +106,86 @@ class RowSparseRoIAlign(torch.autograd.Function):
         return (None, gx, None, *(None for _ in ctx.params))
 
 
+class SparseMultiScaleRoIAlign(torch.autograd.Function):
+    """torchvision's multi-level RoI pooling (``MultiScaleRoIAlign``: each region pooled from its pyramid level
+    into one (N, C, h, w) tensor) with a backward that only pools the regions with a non-zero gradient (exact).
+
+    torchvision assembles the levels with ``result[idx] = ...``; back-propagating that copies and scans the
+    whole (1000, 256, 7, 7) gradient several times per explained box."""
+
+    @staticmethod
+    def forward(ctx, pool: Callable[..., torch.Tensor], rois: torch.Tensor, levels: torch.Tensor,  # type: ignore[override]
+                scales: Sequence[float], *features: torch.Tensor) -> torch.Tensor:
+        ctx.pool, ctx.scales = pool, scales
+        ctx.save_for_backward(rois, levels, *features)
+        parts = [pool(f, rois[levels == k], s) for k, (f, s) in enumerate(zip(features, scales, strict=True))]
+        out = parts[0].new_empty((len(rois), *parts[0].shape[1:]))
+        for k, part in enumerate(parts):
+            out[levels == k] = part.to(out.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        rois, levels, *features = ctx.saved_tensors
+        rows = grad.flatten(1).any(1).nonzero()[:, 0]
+        grads: list[torch.Tensor | None] = []
+        for k, (f, s) in enumerate(zip(features, ctx.scales, strict=True)):
+            mine = rows[levels[rows] == k]
+            if not ctx.needs_input_grad[4 + k]:
+                grads.append(None)
+            elif mine.numel() == 0:
+                grads.append(torch.zeros_like(f))
+            else:
+                with torch.enable_grad():
+                    leaf = f.detach().requires_grad_(True)
+                    (g,) = torch.autograd.grad(ctx.pool(leaf, rois[mine], s), leaf, grad[mine].to(f.dtype))
+                grads.append(g)
+        return (None, None, None, None, *grads)
+
+
+def _sparse_pooler_forward(pooler: nn.Module) -> Callable[..., torch.Tensor]:
+    """A forward for torchvision's ``MultiScaleRoIAlign`` ``pooler`` through :class:`SparseMultiScaleRoIAlign`
+    (same values), using the helpers of the pooler's own module (torchvision is not imported here)."""
+    tv = sys.modules[type(pooler).__module__]
+
+    def pool(feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        return tv.roi_align(feature, rois, output_size=pooler.output_size, spatial_scale=scale,
+                            sampling_ratio=pooler.sampling_ratio)
+
+    def forward(x: Mapping[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        feats = [v for k, v in x.items() if k in pooler.featmap_names]
+        if pooler.scales is None or pooler.map_levels is None:
+            pooler.scales, pooler.map_levels = tv._setup_scales(feats, image_shapes, pooler.canonical_scale,
+                                                                pooler.canonical_level)
+        rois = tv._convert_to_roi_format(boxes)
+        levels = pooler.map_levels(boxes) if len(feats) > 1 else rois.new_zeros(len(rois), dtype=torch.long)
+        return SparseMultiScaleRoIAlign.apply(pool, rois, levels, list(pooler.scales), *feats)
+
+    return forward
+
+
+def _poolers(detector: nn.Module) -> list[nn.Module]:
+    return [m for m in detector.modules() if type(m).__name__ == "MultiScaleRoIAlign"
+            and type(m).__module__.startswith("torchvision.") and hasattr(m, "featmap_names")]
+
+
+@contextmanager
+def sparse_backward(detector: nn.Module) -> Iterator[None]:
+    """Within it, ``detector``'s box head (linear layers, RoI pooling) back-propagates only the proposals an
+    explained score depends on: :class:`SparseRowBackward` plus torchvision's multi-level RoI pooler
+    temporarily swapped for :class:`SparseMultiScaleRoIAlign`. Values are unchanged."""
+    poolers = [m for m in _poolers(detector) if "forward" not in vars(m)]
+    try:
+        for m in poolers:
+            m.forward = _sparse_pooler_forward(m)
+        with SparseRowBackward():
+            yield
+    finally:
+        for m in poolers:
+            vars(m).pop("forward", None)
+
+
 class SparseRowBackward(TorchFunctionMode):
     """Within it, 2-D ``F.linear`` and torchvision ``roi_align`` calls that record autograd use
     :class:`RowSparseLinear` / :class:`RowSparseRoIAlign`: the same forward, a backward that skips the rows
@@ -141,10 +222,12 @@ class TorchvisionDetector(nn.Module):
     def detect(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """The detector's own output (a list of dicts) for a (B, 3, H, W) batch.
 
-        With ``sparse_backward`` (default) the box head's linear layers back-propagate only the proposals
-        that reach an explained score (:class:`RowSparseLinear`): same values, K box gradients for about
-        the price of one forward instead of K."""
-        with SparseRowBackward() if self.sparse_backward else nullcontext():
+        With ``sparse_backward`` (default) the box head's linear layers and RoI pooling back-propagate only
+        the proposals that reach an explained score (:func:`sparse_backward`): same values, K box gradients
+        for about the price of one forward instead of K."""
+        if not self.sparse_backward:  # (grad mode may switch on inside: lumos records from the target layer)
+            return self.detector(list(x))
+        with sparse_backward(self.detector):
             return self.detector(list(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -405,6 +405,30 @@ def test_shipped_detector_perturbation_maps_follow_the_box(shipped, method):
     assert torch.equal(model(scenes.images[i:i + 1]).detach(), before)
 
 
+def test_shipped_detector_scorecam_equals_a_hand_loop_over_channels(shipped):
+    """Score-CAM's broad maps on this detector are the method's answer, not a target bug: all-channel Score-CAM
+    of a box equals the loop written from the paper (mask, run, box score minus the black image's)."""
+    model, scenes, found = shipped
+    i = next(i for i, objs in enumerate(found) if objs)
+    x, (box, label, _) = scenes.images[i:i + 1], found[i][0]
+    target = DetectionTarget(box[None, None], [[label]])
+    store = {}
+    layer = dict(model.named_modules())["features.block5"]
+    handle = layer.register_forward_hook(lambda m, i, o: store.update(a=o.detach()[0]))  # returns None
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        base = target.scores(model(torch.zeros_like(x)))[0, 0]
+        weights = []
+        for a in store["a"]:
+            m = nn.functional.interpolate(a[None, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+            span = m.max() - m.min()
+            weights.append(target.scores(model(x * (m - m.min()) / span))[0, 0] - base if span > 0 else 0.0)
+    reference = torch.einsum("k,khw->hw", torch.tensor(weights), store["a"])
+    ex = lumos.explain(model, x, "scorecam", target=target, layer="features.block5", max_channels=None)
+    assert torch.allclose(ex.raw[0], reference, atol=1e-4 * float(reference.abs().max()))
+
+
 def test_cli_helper_writes_boxes_overlays_and_gallery(shipped, tmp_path):
     from PIL import Image
 

@@ -15,7 +15,7 @@ import typer
 from lumos.cli_options import DeviceOpt, MeanOpt, MethodOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
-BENCHMARKS = ("synthetic",)
+BENCHMARKS = ("synthetic", "synthetic-detection", "synthetic-segmentation")
 DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
 
 
@@ -23,10 +23,12 @@ def evaluate(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
     model: ModelOpt = "efficientnet_lite0",
     method: MethodOpt = DEFAULT_METHODS,
-    benchmark: Annotated[str | None, typer.Option(help="Run a ground-truth benchmark instead: synthetic.")] = None,
+    benchmark: Annotated[str | None, typer.Option(
+        help="Run a ground-truth benchmark instead: synthetic, synthetic-detection or synthetic-segmentation.")] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("evaluation"),
     sanity: Annotated[bool, typer.Option(help="Add the cascading randomisation test and sanity.png.")] = False,
-    steps: Annotated[int | None, typer.Option(help="Deletion/insertion steps (default 100; 64 for synthetic).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Deletion/insertion steps (default 100; 64 for the synthetic benchmarks).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward in multi-pass metrics.")] = 64,
     layer: Annotated[str, typer.Option(help="auto or a layer name for CAM methods.")] = "auto",
     n: Annotated[int, typer.Option(help="Images in the synthetic benchmark.")] = 100,
@@ -55,6 +57,13 @@ def evaluate(
     from lumos.explainer import ExplainSpec, resolve_device, supply_objects
     from lumos.method_settings import parse_settings
 
+    if benchmark is not None and benchmark.lower() in BENCHMARKS[1:]:  # per box / class region: cli_evaluate_tasks
+        from lumos.cli_evaluate_tasks import evaluate_task_benchmark
+
+        return evaluate_task_benchmark(
+            benchmark.lower(), images=images, model=model, method=None if method == DEFAULT_METHODS else method,
+            out=out, sanity=sanity, steps=steps, batch_size=batch_size, layer=layer, n=n, tolerance=tolerance,
+            settings=settings, device=device, default_model="efficientnet_lite0")
     names = parse_methods(method, transformer=benchmark is not None and model.lower() == "vit")
     method_kwargs = parse_settings(settings or [], names)
     ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work

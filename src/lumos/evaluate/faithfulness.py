@@ -28,7 +28,7 @@ from lumos.evaluate._common import (
     scoring,
     target_probs,
 )
-from lumos.targets import OutputSpec
+from lumos.targets import OutputSpec, resolve_targets, select_output
 
 Substrate = float | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
@@ -95,6 +95,20 @@ def _substrate(spec: Substrate, images: torch.Tensor) -> torch.Tensor:
         ) from None
 
 
+def curve_target(model: nn.Module, x: torch.Tensor, targets: object, output: OutputSpec = None
+                 ) -> tuple[torch.Tensor, object]:
+    """Classes (B,) and the scored target: a class per image (None = top-1), or any other target of the target
+    protocol (a ``lumos.tasks`` detection box or segmentation region) resolved on the clean images, classes -1."""
+    if not hasattr(targets, "resolve_targets") and not (callable(targets) and not isinstance(targets, torch.Tensor)):
+        classes = resolve_classes(model, x, targets, output)
+        return classes, class_target(model, x, classes, output)
+    resolved = resolve_targets(targets, select_output(model(x), output))  # type: ignore[arg-type]
+    if resolved.scores.ndim != 2 or resolved.scores.shape[1] != 1:
+        raise LumosError(f"A curve scores one target per image; this one gives {tuple(resolved.scores.shape)} "
+                         "scores (explain one box at a time: target.box(j)).")
+    return torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device), resolved.target
+
+
 class _PixelCurve:
     """Shared engine: move pixels from ``start`` to ``end`` in map order, score each step."""
 
@@ -112,7 +126,8 @@ class _PixelCurve:
     def __call__(
         self, model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: TargetLike = None
     ) -> CurveResult:
-        """Curves and AUC for ``maps`` (B, H, W) of ``images`` (B, C, H, W); targets default to top-1."""
+        """Curves and AUC for ``maps`` (B, H, W) of ``images`` (B, C, H, W); targets default to top-1 (or any
+        target of the target protocol scoring one value per image, e.g. ``DetectionTarget(boxes (B, 1, 4), ...)``)."""
         model = check_model(model)
         x = check_images(images)
         m = check_maps(maps, x)
@@ -121,8 +136,7 @@ class _PixelCurve:
         if self.steps > n_pix:
             raise LumosError(f"steps={self.steps} exceeds the {n_pix} pixels of the image.")
         with scoring(model, self.eval_mode):
-            classes = resolve_classes(model, x, targets, self.output)
-            target = class_target(model, x, classes, self.output)
+            classes, target = curve_target(model, x, targets, self.output)
             start, end = self.endpoints(x)
             start, end = start.flatten(2), end.flatten(2)
             ranks = pixel_ranks(m)

@@ -116,6 +116,22 @@ def test_sparse_row_backward_gives_the_dense_gradients():
     assert all(torch.allclose(d, s_) for d, s_ in zip(dense, sparse, strict=True))
 
 
+def test_sparse_cat_gives_no_gradient_to_pieces_no_score_depends_on():
+    from lumos.tasks.adapters import SparseRowBackward
+
+    a, b, c = (torch.randn(2, n, 3, requires_grad=True) for n in (4, 5, 6))
+    g = torch.zeros(2, 15, 3)
+    g[:, 6] = torch.randn(2, 3)  # a row of b only
+    with SparseRowBackward():
+        y = torch.cat([a, b, c], dim=1)
+        z = torch.cat([a, b, c], 1)
+    assert y.grad_fn.name().startswith("SparseCat") and torch.equal(y, torch.cat([a, b, c], 1))
+    ga, gb, gc = torch.autograd.grad(y, (a, b, c), g, allow_unused=True, materialize_grads=True)
+    assert torch.equal(gb, g[:, 4:9]) and not ga.any() and not gc.any()
+    (gz,) = torch.autograd.grad(z, b, g)
+    assert torch.equal(gz, g[:, 4:9])
+
+
 def test_sparse_multiscale_roi_pooling_gives_the_dense_values_and_gradients():
     ops = pytest.importorskip("torchvision.ops")
     from lumos.tasks.adapters import sparse_backward
@@ -328,6 +344,16 @@ def test_retinanet_explains_a_box(retinanet, image, method):
     if method != "occlusion":
         assert ex.raw.flatten(1).abs().amax(1).min() > 0
     assert torch.equal(retinanet(image).detach(), before)
+
+
+def test_retinanet_sparse_backward_gives_the_dense_maps(retinanet, image):
+    """The sparse backward (per-level head pieces skipped when their gradient is zero) changes no value."""
+    dense = TorchvisionDetector(retinanet.detector, sparse_backward=False)
+    target = DetectionTarget(score_threshold=0.0, max_boxes=3)
+    for method in ("gradcam", "hirescam"):
+        a = lumos.explain(retinanet, image, method, target=target, layer=RETINA_LAYER).raw
+        b = lumos.explain(dense, image, method, target=target, layer=RETINA_LAYER).raw
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max())) and b.abs().max() > 0
 
 
 # -- the shipped detector on held-out synthetic scenes ---------------------------------------------------

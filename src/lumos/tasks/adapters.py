@@ -106,6 +106,23 @@ class RowSparseRoIAlign(torch.autograd.Function):
         return (None, gx, None, *(None for _ in ctx.params))
 
 
+class SparseCat(torch.autograd.Function):
+    """``torch.cat`` whose backward gives no gradient (instead of zeros) to the pieces whose gradient is all zero
+    (exact). A one-stage detector concatenates its heads' outputs over pyramid levels; one box's score comes
+    from one level, and without this every level's head would be back-propagated with zeros for every box."""
+
+    @staticmethod
+    def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.dim, ctx.sizes = dim, [t.shape[dim] for t in tensors]
+        return torch.cat(tensors, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        pieces = grad.split(ctx.sizes, ctx.dim)
+        return (None, *(g if need and bool(g.any()) else None
+                        for g, need in zip(pieces, ctx.needs_input_grad[1:], strict=True)))
+
+
 class SparseMultiScaleRoIAlign(torch.autograd.Function):
     """torchvision's multi-level RoI pooling (``MultiScaleRoIAlign``: each region pooled from its pyramid level
     into one (N, C, h, w) tensor) with a backward that only pools the regions with a non-zero gradient (exact).
@@ -187,21 +204,26 @@ def sparse_backward(detector: nn.Module) -> Iterator[None]:
 
 
 class SparseRowBackward(TorchFunctionMode):
-    """Within it, 2-D ``F.linear`` and torchvision ``roi_align`` calls that record autograd use
-    :class:`RowSparseLinear` / :class:`RowSparseRoIAlign`: the same forward, a backward that skips the rows
-    (proposals) no explained score depends on."""
+    """Within it, calls that record autograd take a backward that skips what no explained score depends on,
+    with the same forward: 2-D ``F.linear`` (:class:`RowSparseLinear`) and torchvision ``roi_align``
+    (:class:`RowSparseRoIAlign`) skip the proposals, ``torch.cat`` (:class:`SparseCat`) the pieces."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() and not kwargs.keys() - {"bias"}:
-            if func is nn.functional.linear:
-                x, weight = args[0], args[1]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                if x.ndim == 2 and (x.requires_grad or weight.requires_grad):
-                    return RowSparseLinear.apply(x, weight, bias)
-            elif getattr(func, "__name__", "") == "roi_align" and "torchvision" in str(func) and not kwargs:
-                if args[0].requires_grad and not args[1].requires_grad:
-                    return RowSparseRoIAlign.apply(func, *args)
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func is nn.functional.linear and not kwargs.keys() - {"bias"}:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.ndim == 2 and (x.requires_grad or weight.requires_grad):
+                return RowSparseLinear.apply(x, weight, bias)
+        elif func is torch.cat and not kwargs.keys() - {"dim"} and len(args) + len(kwargs) <= 2:
+            tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
+            if isinstance(dim, int) and len(tensors) > 1 and any(t.requires_grad for t in tensors):
+                return SparseCat.apply(dim, *tensors)
+        elif getattr(func, "__name__", "") == "roi_align" and "torchvision" in str(func) and not kwargs:
+            if args[0].requires_grad and not args[1].requires_grad:
+                return RowSparseRoIAlign.apply(func, *args)
         return func(*args, **kwargs)
 
 

@@ -216,6 +216,19 @@ def test_cli_method_all_skips_what_cannot_explain_a_box(main, capsys, tmp_path):
     assert "cam" not in rows and {"gradcam", "rise", "smoothgrad", "random"} <= set(rows)
 
 
+def test_cli_methods_typed_out_are_the_methods_run(main, capsys, tmp_path):
+    """Typing the classification benchmark's default list explicitly must run exactly that list, not the
+    detection benchmark's own default."""
+    from lumos.cli_evaluate import DEFAULT_METHODS
+
+    code = main(["evaluate", "--benchmark", "synthetic-detection", "--method", DEFAULT_METHODS, "--n", "1",
+                 "--steps", "2", "--out", str(tmp_path)])
+    capsys.readouterr()
+    assert code == 0
+    rows = json.loads((tmp_path / "evaluation.json").read_text())["metrics"]
+    assert set(rows) == {*DEFAULT_METHODS.split(","), "random"}
+
+
 # -- the segmentation sibling -----------------------------------------------------------------------------
 def test_region_probability_by_hand():
     from lumos.evaluate.segmentation_benchmark import RegionProbability

@@ -12,17 +12,21 @@ from typing import Annotated
 
 import typer
 
-from lumos.cli_options import DeviceOpt, MeanOpt, MethodOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
+from lumos.cli_options import DeviceOpt, MeanOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
 BENCHMARKS = ("synthetic", "synthetic-detection", "synthetic-segmentation")
 DEFAULT_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam"
+EvaluateMethodOpt = Annotated[str | None, typer.Option(
+    "--method", "--methods", metavar="METHODS",
+    help=f"Comma-separated methods or aliases, or all (see `lumos methods`). Default: {DEFAULT_METHODS}; the "
+         "detection and segmentation benchmarks: every method that explains a box.")]
 
 
 def evaluate(
     images: Annotated[list[Path] | None, typer.Argument(help="Image files or directories.")] = None,
     model: ModelOpt = "efficientnet_lite0",
-    method: MethodOpt = DEFAULT_METHODS,
+    method: EvaluateMethodOpt = None,
     benchmark: Annotated[str | None, typer.Option(
         help="Run a ground-truth benchmark instead: synthetic, synthetic-detection or synthetic-segmentation.")] = None,
     out: Annotated[Path, typer.Option(help="Output directory.")] = Path("evaluation"),
@@ -61,10 +65,11 @@ def evaluate(
         from lumos.cli_evaluate_tasks import evaluate_task_benchmark
 
         return evaluate_task_benchmark(
-            benchmark.lower(), images=images, model=model, method=None if method == DEFAULT_METHODS else method,
+            benchmark.lower(), images=images, model=model, method=method,
             out=out, sanity=sanity, steps=steps, batch_size=batch_size, layer=layer, n=n, tolerance=tolerance,
             settings=settings, device=device, default_model="efficientnet_lite0")
-    names = parse_methods(method, transformer=benchmark is not None and model.lower() == "vit")
+    names = parse_methods(DEFAULT_METHODS if method is None else method,
+                          transformer=benchmark is not None and model.lower() == "vit")
     method_kwargs = parse_settings(settings or [], names)
     ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work
     where = resolve_device(device)

@@ -71,6 +71,18 @@ def test_given_box_without_label_takes_the_matched_class():
     assert DetectionTarget([[1, 1, 10, 10]]).resolve(out).labels.tolist() == [[1]]
 
 
+def test_box_j_of_given_boxes_needs_no_resolve():
+    t = DetectionTarget([[0.0, 0, 4, 4], [4, 4, 8, 8]], [0, 1])
+    for j in (1, -1):
+        one = t.box(j)
+        assert one.boxes.tolist() == [[4.0, 4, 8, 8]] and one.labels.tolist() == [1]
+    assert DetectionTarget([[0.0, 0, 4, 4]]).box(0).labels is None  # the class comes from the clean output
+    with pytest.raises(TargetError, match="Box 2 does not exist"):
+        t.box(2)
+    with pytest.raises(TargetError, match="not resolved yet"):
+        DetectionTarget(score_threshold=0.3).box(0)
+
+
 def test_clear_errors():
     out = dense([[0, 0, 10, 10, 0.9, 0.1]])
     with pytest.raises(TargetError, match="matches no prediction"):
@@ -335,15 +347,26 @@ def test_faster_rcnn_gradcam_matches_a_hand_written_reference(faster_rcnn, image
     assert torch.allclose(ex.raw[0], reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
 
 
-@pytest.mark.parametrize("method", ["gradcam", "hirescam", "occlusion"])
-def test_retinanet_explains_a_box(retinanet, image, method):
+@pytest.mark.parametrize("method", GRADIENT_CAMS + list(PERTURBATION))
+def test_retinanet_every_method_explains_a_box(retinanet, image, method):
     before = retinanet(image).detach()
-    target = DetectionTarget(score_threshold=0.0, max_boxes=2)
+    target = DetectionTarget(score_threshold=0.0, max_boxes=2).resolve(before)
     ex = lumos.explain(retinanet, image, method, target=target, layer=RETINA_LAYER, **PERTURBATION.get(method, {}))
     assert ex.maps.shape == (2, SIZE, SIZE) and torch.isfinite(ex.maps).all()
-    if method != "occlusion":
+    assert torch.allclose(ex.scores, target.scores(before).flatten())
+    if method in ("gradcam", "hirescam", "xgradcam"):  # (see the Faster R-CNN test for the others)
         assert ex.raw.flatten(1).abs().amax(1).min() > 0
     assert torch.equal(retinanet(image).detach(), before)
+
+
+def test_retinanet_box_map_same_alone_or_with_other_boxes(retinanet, image):
+    target = DetectionTarget(score_threshold=0.0, max_boxes=3).resolve(retinanet(image).detach())
+    for method in ("gradcam", "occlusion"):
+        kw = PERTURBATION.get(method, {})
+        together = lumos.explain(retinanet, image, method, target=target, layer=RETINA_LAYER, **kw)
+        for j in (0, 2):
+            alone = lumos.explain(retinanet, image, method, target=target.box(j), layer=RETINA_LAYER, **kw)
+            assert torch.allclose(alone.maps[0], together.maps[j], atol=1e-5)
 
 
 def test_retinanet_sparse_backward_gives_the_dense_maps(retinanet, image):
@@ -429,6 +452,19 @@ def test_shipped_detector_perturbation_maps_follow_the_box(shipped, method):
         assert (share >= 2 * masks.mean((1, 2))).all(), share  # twice a uniform map's share
         assert energy(maps[:1], masks[1:]) < share[0] and energy(maps[1:], masks[:1]) < share[1]
     assert torch.equal(model(scenes.images[i:i + 1]).detach(), before)
+
+
+@pytest.mark.parametrize("method", GRADIENT_CAMS + ["scorecam", "rise"])
+def test_shipped_detector_box_map_same_alone_or_with_other_boxes(shipped, method):
+    model, scenes, found = shipped
+    i = next(i for i, objs in enumerate(found) if len(objs) >= 2)
+    target = DetectionTarget(torch.stack([b for b, _, _ in found[i]]), [lab for _, lab, _ in found[i]])
+    kw = {"rise": {"n_masks": 200, "cell": 8}}.get(method, {})
+    together = lumos.explain(model, scenes.images[i:i + 1], method, target=target, layer="features.block5", **kw)
+    for j in range(len(found[i])):
+        alone = lumos.explain(model, scenes.images[i:i + 1], method, target=target.box(j), layer="features.block5",
+                              **kw)
+        assert torch.allclose(alone.maps[0], together.maps[j], atol=1e-5), (method, j)
 
 
 def test_shipped_detector_scorecam_equals_a_hand_loop_over_channels(shipped):

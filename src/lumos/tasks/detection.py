@@ -126,7 +126,7 @@ class DetectionTarget:
     def resolved(self) -> bool:
         return self.boxes is not None and self.boxes.ndim == 3 and self.labels is not None
 
-    def _like(self, boxes: torch.Tensor, labels: torch.Tensor) -> DetectionTarget:
+    def _like(self, boxes: torch.Tensor, labels: torch.Tensor | None) -> DetectionTarget:
         return DetectionTarget(boxes, labels, iou_threshold=self.iou_threshold, min_score=self.min_score)
 
     def resolve(self, output: torch.Tensor) -> DetectionTarget:
@@ -227,9 +227,15 @@ class DetectionTarget:
         return self._like(boxes[index.to(boxes.device)], labels[index.to(labels.device)])
 
     def box(self, j: int) -> DetectionTarget:
-        """Reference box ``j`` alone (of every image)."""
-        boxes, labels = self._fixed()
-        return self._like(boxes[:, j:j + 1], labels[:, j:j + 1])
+        """Reference box ``j`` alone (of every image); given boxes need no :meth:`resolve` first."""
+        if self.boxes is None:
+            raise TargetError("This detection target is not resolved yet: call resolve(output) first.")
+        k = self.boxes.shape[-2]
+        if not -k <= j < k:
+            raise TargetError(f"Box {j} does not exist: this target holds {k} box(es) per image.")
+        j %= k
+        labels = None if self.labels is None else self.labels[..., j:j + 1]
+        return self._like(self.boxes[..., j:j + 1, :], labels)
 
     def spec(self) -> DetectionTarget:
         """This target (one box per image); several boxes cannot be one class-like spec per rank."""

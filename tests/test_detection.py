@@ -144,6 +144,33 @@ def test_sparse_cat_gives_no_gradient_to_pieces_no_score_depends_on():
     assert torch.equal(gz, g[:, 4:9])
 
 
+@pytest.mark.parametrize("kernel, padding, cells", [
+    (3, 1, [(0, 0)]), (3, 1, [(5, 9), (6, 9)]), (1, 0, [(11, 3)]), (5, 2, [(11, 11), (2, 7)]), (3, 0, [(4, 4)]),
+    (3, 1, "all"),
+])
+def test_window_conv_gives_the_dense_gradients(kernel, padding, cells):
+    """Gradients at a few cells (corners, borders, the middle) or everywhere: the same as autograd's dense ones."""
+    from lumos.tasks.adapters import SparseRowBackward
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, kernel, padding=padding)
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    dense_out = conv(x)
+    g = torch.randn_like(dense_out)
+    if cells != "all":
+        keep = torch.zeros_like(g)
+        for y, x_ in cells:
+            keep[1, :, y, x_] = 1
+        g = g * keep
+    with SparseRowBackward():
+        out = conv(x)
+    assert out.grad_fn.name().startswith("WindowConv2d") and torch.allclose(out, dense_out)
+    dense = torch.autograd.grad(dense_out, (x, conv.weight, conv.bias), g)
+    window = torch.autograd.grad(out, (x, conv.weight, conv.bias), g)
+    assert all(torch.allclose(d, w, atol=1e-5) for d, w in zip(dense, window, strict=True))
+    assert dense[0].abs().max() > 0
+
+
 def test_sparse_multiscale_roi_pooling_gives_the_dense_values_and_gradients():
     ops = pytest.importorskip("torchvision.ops")
     from lumos.tasks.adapters import sparse_backward

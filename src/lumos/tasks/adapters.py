@@ -106,6 +106,61 @@ class RowSparseRoIAlign(torch.autograd.Function):
         return (None, gx, None, *(None for _ in ctx.params))
 
 
+class WindowConv2d(torch.autograd.Function):
+    """A stride-1, ungrouped ``conv2d`` whose backward only runs over the window where the output gradient is
+    non-zero (exact; the whole map when the window covers most of it). One box's score reaches a detection
+    head's last convolution at a few cells; a dense backward would convolve the whole (mostly zero) map."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                padding: tuple[int, int]) -> torch.Tensor:
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        ctx.save_for_backward(x, weight)
+        return nn.functional.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        (ph, pw), (kh, kw) = ctx.padding, weight.shape[-2:]
+        live = grad.detach().abs().amax((0, 1))
+        rows, cols = live.any(1).nonzero()[:, 0], live.any(0).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return None, None, None, None
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        if (y1 - y0) * (x1 - x0) > 0.5 * live.numel():  # most of the map: the dense backward is as cheap
+            y0, y1, x0, x1 = 0, grad.shape[-2], 0, grad.shape[-1]
+        g = grad[:, :, y0:y1, x0:x1]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:  # output rows y0:y1 read input rows y0 - ph ... y1 - ph + kh - 2
+            part = nn.functional.conv_transpose2d(g, weight)
+            gx = torch.zeros_like(x)
+            top, left = y0 - ph, x0 - pw
+            iy0, ix0 = max(top, 0), max(left, 0)
+            iy1, ix1 = min(top + part.shape[-2], x.shape[-2]), min(left + part.shape[-1], x.shape[-1])
+            gx[:, :, iy0:iy1, ix0:ix1] = part[:, :, iy0 - top:iy1 - top, ix0 - left:ix1 - left]
+        if ctx.needs_input_grad[1]:
+            xp = nn.functional.pad(x, (pw, pw, ph, ph))[:, :, y0:y1 + kh - 1, x0:x1 + kw - 1]
+            gw = torch.nn.grad.conv2d_weight(xp, weight.shape, g)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def _window_conv_args(args: tuple, kwargs: dict) -> tuple | None:
+    """(x, weight, bias, (ph, pw)) of a ``conv2d`` call :class:`WindowConv2d` can take, else None."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    call = dict(zip(names, args, strict=False)) | kwargs
+    x, weight = call.get("input"), call.get("weight")
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not isinstance(weight, torch.Tensor) or weight.ndim != 4:
+        return None
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    padding = call.get("padding", 0)
+    if isinstance(padding, str) or pair(call.get("stride", 1)) != (1, 1) or pair(call.get("dilation", 1)) != (1, 1) \
+            or call.get("groups", 1) != 1:
+        return None
+    return x, weight, call.get("bias"), pair(padding)
+
+
 class SparseCat(torch.autograd.Function):
     """``torch.cat`` whose backward gives no gradient (instead of zeros) to the pieces whose gradient is all zero
     (exact). A one-stage detector concatenates its heads' outputs over pyramid levels; one box's score comes
@@ -206,7 +261,8 @@ def sparse_backward(detector: nn.Module) -> Iterator[None]:
 class SparseRowBackward(TorchFunctionMode):
     """Within it, calls that record autograd take a backward that skips what no explained score depends on,
     with the same forward: 2-D ``F.linear`` (:class:`RowSparseLinear`) and torchvision ``roi_align``
-    (:class:`RowSparseRoIAlign`) skip the proposals, ``torch.cat`` (:class:`SparseCat`) the pieces."""
+    (:class:`RowSparseRoIAlign`) skip the proposals, ``torch.cat`` (:class:`SparseCat`) the pieces, stride-1
+    ``conv2d`` (:class:`WindowConv2d`) the cells outside the gradient's window."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
@@ -217,6 +273,10 @@ class SparseRowBackward(TorchFunctionMode):
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if x.ndim == 2 and (x.requires_grad or weight.requires_grad):
                 return RowSparseLinear.apply(x, weight, bias)
+        elif func is torch.conv2d:
+            conv = _window_conv_args(args, kwargs)
+            if conv is not None and (conv[0].requires_grad or conv[1].requires_grad):
+                return WindowConv2d.apply(*conv)
         elif func is torch.cat and not kwargs.keys() - {"dim"} and len(args) + len(kwargs) <= 2:
             tensors, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else 0)
             if isinstance(dim, int) and len(tensors) > 1 and any(t.requires_grad for t in tensors):

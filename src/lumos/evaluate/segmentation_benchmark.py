@@ -30,6 +30,7 @@ from lumos.evaluate.benchmark import RANDOM, EvaluationReport
 from lumos.evaluate.detection_benchmark import DETECTION_METHODS, discrimination, method_settings, score_methods
 from lumos.evaluate.faithfulness import CurveResult, Deletion
 from lumos.evaluate.localisation import EnergyPointingGame, PointingGame, RelevanceMass
+from lumos.targets import to_probabilities
 
 SEGMENTATION_LAYER = "features.block5"
 MATCH_IOU = 0.5
@@ -88,7 +89,7 @@ class RegionProbability:
                              f"got {tuple(output.shape)}.")
         b, _, h, w = output.shape
         cats = self.categories.to(output.device)[:, None, None, None].expand(b, 1, h, w)
-        p = output.softmax(1).gather(1, cats)[:, 0]
+        p = to_probabilities(output, "softmax").gather(1, cats)[:, 0]  # the one probability decision (targets)
         region = self.regions.to(output.device, p.dtype)
         return (p * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp_min(1)
 

@@ -306,6 +306,8 @@ def plot_deletion(report: EvaluationReport, path: str | Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from lumos.evaluate.report import save_figure
+
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
     cmap = plt.get_cmap("tab20")
@@ -323,11 +325,5 @@ def plot_deletion(report: EvaluationReport, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    except OSError as err:
-        raise LumosError(f"Cannot write {path}: {err.strerror or err}.") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
     return path

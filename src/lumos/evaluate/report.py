@@ -259,7 +259,7 @@ def plot_curves(report: EvaluationReport, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -295,11 +295,12 @@ def plot_sanity(report: EvaluationReport, path: str | Path, image: np.ndarray | 
         first.text(-0.1, 0.5, name, transform=first.transAxes, rotation=90, va="center", ha="right", fontsize=8)
     fig.suptitle("cascading randomisation (output layers first, left to right)", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure (its folder made if needed) and close it; an unwritable path is a one-line error."""
     import matplotlib.pyplot as plt
 
     try:

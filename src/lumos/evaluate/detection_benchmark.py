@@ -306,7 +306,7 @@ def plot_deletion(report: EvaluationReport, path: str | Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from lumos.evaluate.report import save_figure
+    from lumos.evaluate.report import finish_curve_axes, save_figure
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=110)
@@ -320,10 +320,7 @@ def plot_deletion(report: EvaluationReport, path: str | Path) -> Path:
     ax.set_title(f"{'box' if boxes else 'class-region'} deletion (lower AUC is better)")
     ax.set_xlabel("fraction of pixels removed (map order)")
     ax.set_ylabel("score of the explained box (IoU-matched)" if boxes else "mean class probability over the region")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    finish_curve_axes(ax)
     fig.tight_layout()
     save_figure(fig, path)
     return path

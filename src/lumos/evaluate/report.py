@@ -254,10 +254,7 @@ def plot_curves(report: EvaluationReport, path: str | Path) -> Path:
         ax.set_title(f"{kind} ({'lower' if kind == 'deletion' else 'higher'} AUC is better)")
         ax.set_xlabel(f"fraction of pixels {'removed' if kind == 'deletion' else 'inserted'}")
         ax.set_ylabel("probability of the target class")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_curve_axes(ax)
     fig.tight_layout()
     save_figure(fig, path)
     return path
@@ -297,6 +294,14 @@ def plot_sanity(report: EvaluationReport, path: str | Path, image: np.ndarray | 
     fig.tight_layout()
     save_figure(fig, path)
     return path
+
+
+def finish_curve_axes(ax) -> None:
+    """The common frame of a deletion/insertion plot: fractions 0..1, scores 0..1, grid, legend."""
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
 
 
 def save_figure(fig, path: Path) -> None:

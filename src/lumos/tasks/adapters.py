@@ -153,10 +153,15 @@ def _window_conv_args(args: tuple, kwargs: dict) -> tuple | None:
     x, weight = call.get("input"), call.get("weight")
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not isinstance(weight, torch.Tensor) or weight.ndim != 4:
         return None
-    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+
+    def pair(v: object) -> tuple:
+        """int, (v,) or (a, b) as a pair; anything else as it is (then not a pair: dense backward)."""
+        v = (v,) if isinstance(v, int) else tuple(v)  # type: ignore[arg-type]
+        return v * 2 if len(v) == 1 else v
+
     padding = call.get("padding", 0)
     if isinstance(padding, str) or pair(call.get("stride", 1)) != (1, 1) or pair(call.get("dilation", 1)) != (1, 1) \
-            or call.get("groups", 1) != 1:
+            or call.get("groups", 1) != 1 or len(pair(padding)) != 2:
         return None
     return x, weight, call.get("bias"), pair(padding)
 

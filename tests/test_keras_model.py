@@ -271,3 +271,16 @@ def test_cli_explains_an_image_with_a_keras_model(tmp_path, shipped, held_out):
     assert layers.exit_code == 0, layers.output
     assert "conv4" in layers.output and "BatchNormalization" in layers.output
     assert "64x16x16" in layers.output and "<- auto" in layers.output
+
+
+def test_a_bare_keras_model_is_refused_with_the_way_to_wrap_it():
+    """Keras 3 models are torch modules on this backend but take channels-last input: refused in one line."""
+    from lumos.evaluate import Deletion
+
+    raw = build_small()
+    x = torch.rand(1, 3, 32, 32)
+    with pytest.raises(LumosError, match="is a Keras model: wrap it as lumos.zoo.keras_model.KerasModule"):
+        lumos.explain(raw, x, "gradcam")
+    with pytest.raises(LumosError, match="KerasModule"):
+        Deletion(steps=2)(raw, x, torch.rand(1, 32, 32))
+    assert lumos.explain(KerasModule(raw), x, "gradcam").maps.shape == (1, 32, 32)  # wrapped, it runs

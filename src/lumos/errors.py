@@ -10,7 +10,7 @@ import difflib
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["LumosError", "ImageError", "ModelLoadError", "close_matches", "positive_int"]
+__all__ = ["LumosError", "ImageError", "ModelLoadError", "check_model", "close_matches", "positive_int"]
 
 
 class LumosError(ValueError):
@@ -50,3 +50,21 @@ def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not integral or value < 1:  # type: ignore[operator]
         raise LumosError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
+
+
+def check_model(model: object):  # noqa: ANN201 (torch is imported lazily here, the base layer)
+    """``model`` if lumos can run it: a ``torch.nn.Module`` that is not a bare Keras model.
+
+    Keras 3 models on the torch backend are modules too, but take channels-last input and hide their layers;
+    they are refused with the way to wrap them instead of failing inside Keras.
+    """
+    from torch import nn
+
+    if any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__):
+        raise LumosError(
+            f"{type(model).__name__} is a Keras model: wrap it as lumos.zoo.keras_model.KerasModule(model) "
+            "(channels-first input, Keras layer names), or give the CLI its saved .keras file."
+        )
+    if not isinstance(model, nn.Module):
+        raise LumosError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
+    return model

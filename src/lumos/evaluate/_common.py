@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumos import errors
 from lumos.capture import model_guard
 from lumos.errors import LumosError
 from lumos.rules import squash_watch
@@ -85,9 +86,7 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
 
 
 def check_model(model: object) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise LumosError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-    return model
+    return errors.check_model(model)
 
 
 def check_positive(name: str, value: int) -> int:

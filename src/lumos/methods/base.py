@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lumos.engine import Forward, run
-from lumos.errors import LumosError, close_matches
+from lumos.errors import LumosError, check_model, close_matches
 from lumos.explanation import Explanation, Kind, Normalize, finish_maps, normalize_maps, upsample
 from lumos.layers import LayerSpec, Layout, Site, resolve_sites
 from lumos.rules import Rule
@@ -112,9 +112,7 @@ class Method:
         probs: str = "auto",
         layout: Layout | None = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise LumosError(f"model must be a torch.nn.Module, not {type(model).__name__}.")
-        self.model = model
+        self.model = check_model(model)
         self.layer = layer
         self.output = output
         self.labels = labels

@@ -241,3 +241,16 @@ def test_list_files_and_globs(data, tmp_path) -> None:
     assert len(items) == len(list((data / "plus").glob("0*.png")))  # the glob adds no duplicate
     assert [it.index for it in items] == list(range(len(items)))
     assert [why for _, why in problems] == ["no such file or directory", "the pattern matches no file"]
+
+
+def test_cli_summary_counts_an_unreadable_image_apart(shortcut_data, tmp_path, capsys) -> None:
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(next(shortcut_data.rglob("*.png")), folder / "good.png")
+    (folder / "bad.png").write_text("not an image")
+    code, out, err = _cli(capsys, "explain-dataset", folder, "--store", tmp_path / "s", "-m", SHORTCUT,
+                          "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
+    assert code == 0, err
+    assert "2 image(s)" in out and "2 processed now, 0 already done; 1 could not be read" in out, out

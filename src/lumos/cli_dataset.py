@@ -133,7 +133,7 @@ def explain_dataset(
     for path, why in result.problems:
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
     errors = _error_rows(result.store)
-    out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} explained now, "
+    out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
                       f"{result.skipped} already done" + (f"; {errors} could not be read (rows with their error)"
                                                           if errors else ""), highlight=False)
     if report:

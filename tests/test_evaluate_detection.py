@@ -284,3 +284,17 @@ def test_cli_segmentation_benchmark(main, capsys, tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert main(["evaluate", "--benchmark", "synthetic-segmentation", "--model", "tinydetector"]) == 2
     assert "runs the shipped segmenter" in capsys.readouterr().err
+
+
+def test_reading_names_only_the_faithfulness_metrics_measured():
+    from lumos.evaluate.benchmark import EvaluationReport
+    from lumos.evaluate.report import format_reading, read_report
+
+    rows = {"gradcam": {"deletion_auc": 0.1, "pointing_game": 0.9},
+            "random": {"deletion_auc": 0.3, "pointing_game": 0.1}}
+    line = format_reading(read_report(EvaluationReport(rows=rows)))[0]
+    assert line.startswith("Most faithful here: Grad-CAM (best average rank on deletion: the pixels"), line
+    rows["gradcam"] |= {"insertion_auc": 0.8, "avg_drop": 0.2}
+    rows["random"] |= {"insertion_auc": 0.5, "avg_drop": 0.6}
+    line = format_reading(read_report(EvaluationReport(rows=rows)))[0]
+    assert "best average rank on deletion, insertion and average drop/increase: the pixels" in line, line

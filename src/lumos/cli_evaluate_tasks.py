@@ -72,8 +72,7 @@ def evaluate_task_benchmark(
     out_console.print(found + "\n" + format_table(report) + "\n" + STAR_NOTE, highlight=False, markup=False)
     out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
                       highlight=False, markup=False)
-    reading = [line.replace("deletion, insertion and average drop/increase", "the deletion curve")
-               for line in format_reading(read_report(report), lambda ms: " or ".join(f"--method {m}" for m in ms))]
+    reading = format_reading(read_report(report), lambda ms: " or ".join(f"--method {m}" for m in ms))
     out_console.print("\n" + "\n".join(reading), highlight=False, markup=False)
     written = [write_csv(report, out / "evaluation.csv"), write_json(report, out / "evaluation.json"),
                plot_deletion(report, out / "curves.png")]

@@ -85,6 +85,12 @@ class Reading:
     recommended: list[str] = field(default_factory=list)
     images: int | None = None
     benchmark: str | None = None
+    faithful_on: list[str] = field(default_factory=lambda: list(FAITHFULNESS))  # the faithfulness metrics present
+
+
+#: how :func:`format_reading` names the faithfulness metrics
+_FAITHFUL_WORDS = {"deletion_auc": "deletion", "insertion_auc": "insertion", "avg_drop": "average drop/increase",
+                   "avg_increase": "average drop/increase"}
 
 
 def _ranks(report: EvaluationReport, methods: list[str], metrics: tuple[str, ...]) -> dict[str, float]:
@@ -139,6 +145,7 @@ def read_report(report: EvaluationReport) -> Reading:
     faithful = _ranks(report, trusted, FAITHFULNESS)
     localised = _ranks(report, trusted, LOCALISATION)
     reading.most_faithful, reading.best_localised = _top(faithful), _top(localised)
+    reading.faithful_on = [k for k in FAITHFULNESS if any(k in report.rows[m] for m in methods)]
     usable = [m for m in trusted if m not in reading.fails_sanity]
     overall = {m: (faithful[m] + localised[m]) / 2 if m in localised else faithful[m]
                for m in usable if m in faithful}
@@ -158,8 +165,10 @@ def format_reading(reading: Reading, how: Callable[[list[str]], str] | None = No
     lines = []
     if reading.most_faithful:
         tied = " (tied)" if len(reading.most_faithful) > 1 else ""
-        lines.append(f"Most faithful here: {_names(reading.most_faithful)}{tied} (best average rank on deletion, "
-                     "insertion and average drop/increase: the pixels its maps mark matter most to the model).")
+        words = list(dict.fromkeys(_FAITHFUL_WORDS[k] for k in reading.faithful_on))
+        on = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} and {words[-1]}"
+        lines.append(f"Most faithful here: {_names(reading.most_faithful)}{tied} (best average rank on {on}: the "
+                     "pixels its maps mark matter most to the model).")
     if reading.best_localised:
         tied = " (tied)" if len(reading.best_localised) > 1 else ""
         lines.append(f"Best localised: {_names(reading.best_localised)}{tied} (best average rank on the pointing game, "

@@ -77,6 +77,16 @@ def _explained(key: str, label: str, fn):
     return logic.RESULTS.get(key)
 
 
+def _show(column, key: str, display: str, what: str, explain, draw) -> None:
+    """The explanation of ``what`` (cached under ``key``) drawn in ``column`` with its caption, or its error."""
+    res = _explained(key, f"{display} for {what}", explain)
+    if isinstance(res, str):
+        column.error(f"{display}: {res}")
+        return
+    layer = f" @ {res.layer}" if res.layer and res.kind == "layer" else ""
+    column.image(draw(res), width="stretch", caption=f"{display}{layer}: {what}")
+
+
 def run(task: str) -> None:
     """Draw the whole task view (sidebar and main area)."""
     sources, method, settings, score, colormap, alpha = _sidebar(task)
@@ -111,14 +121,8 @@ def run(task: str) -> None:
                          key=f"task_box_{image_hash}_{score}")
         box = [round(float(v), 2) for v in det.boxes[k]] + [int(det.labels[k])]
         key = task_logic.result_key(task, image_hash, box, method, settings)
-        res = _explained(key, f"{display} for {choices[k]}",
-                         lambda: task_logic.explain_box(tm, image, det, k, method, settings))
-        if isinstance(res, str):
-            right.error(f"{display}: {res}")
-            return
-        layer = f" @ {res.layer}" if res.layer and res.kind == "layer" else ""
-        right.image(task_logic.render_box(tm, image, det, k, res, colormap, alpha), width="stretch",
-                    caption=f"{display}{layer}: {choices[k]}")
+        _show(right, key, display, choices[k], lambda: task_logic.explain_box(tm, image, det, k, method, settings),
+              lambda res: task_logic.render_box(tm, image, det, k, res, colormap, alpha))
         return
 
     pred = task_logic.predicted_mask(tm, image)
@@ -130,13 +134,8 @@ def run(task: str) -> None:
         return
     j = middle.radio("Class to explain", range(len(classes)), format_func=lambda i: classes[i][1],
                      key=f"task_class_{image_hash}")
-    category, label = classes[j]
+    category = classes[j][0]
     key = task_logic.result_key(task, image_hash, category, method, settings)
-    res = _explained(key, f"{display} for {label}",
-                     lambda: task_logic.explain_class(tm, image, category, method, settings))
-    if isinstance(res, str):
-        right.error(f"{display}: {res}")
-        return
-    layer = f" @ {res.layer}" if res.layer and res.kind == "layer" else ""
-    right.image(task_logic.render_class(tm, image, pred, category, res, colormap, alpha), width="stretch",
-                caption=f"{display}{layer}: {tm.names[category]} region")
+    _show(right, key, display, f"{tm.names[category]} region",
+          lambda: task_logic.explain_class(tm, image, category, method, settings),
+          lambda res: task_logic.render_class(tm, image, pred, category, res, colormap, alpha))

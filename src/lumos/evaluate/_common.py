@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lumos import errors
 from lumos.capture import model_guard
-from lumos.errors import LumosError
+from lumos.errors import LumosError, check_model  # noqa: F401 (check_model: the evaluators import it here)
 from lumos.rules import squash_watch
 from lumos.targets import OutputSpec, Target, probability_kind, select_output
 from lumos.targets import probabilities as target_probabilities
@@ -83,10 +82,6 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
         if len(ys):
             out[i] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
     return out
-
-
-def check_model(model: object) -> nn.Module:
-    return errors.check_model(model)
 
 
 def check_positive(name: str, value: int) -> int:

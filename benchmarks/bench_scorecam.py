@@ -6,7 +6,12 @@ and its estimated error, its map correlation with all-channel Score-CAM; the sam
 (the 32 highest-variance channels, batches of 32); and all-channel Score-CAM (``max_channels=None``) before
 (the old code: every channel, batches of 32) and after (constant channels skipped, shared masks scored once,
 batches of ``batch_size``), one call each. ``--sweep`` times all-channel Score-CAM on the first photo per
-``batch_size``. Run: ``.venv/bin/python benchmarks/bench_scorecam.py``.
+``batch_size``.
+
+Then what bounds the cost: one masked input's time / a plain forward (64 masked inputs of the first photo in
+the default batches), so how many masks 10x a forward can buy, and the default at looser tolerances (mean
+masks, mean ratio, the lowest correlation with all-channel Score-CAM over the photos): the speed/fidelity
+trade-off as measured. Run: ``.venv/bin/python benchmarks/bench_scorecam.py``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from lumos.engine import Forward, score_inputs
 from lumos.explanation import normalize_maps, upsample
 from lumos.io import sample_images
 from lumos.methods.base import ActivationMethod
+from lumos.methods.scorecam import MaskScorer
+from lumos.targets import resolve_targets
 from lumos.zoo import load_model
 
 
@@ -74,12 +81,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sweep", action="store_true", help="time all-channel Score-CAM per batch_size")
     parser.add_argument("--skip-before", action="store_true", help="skip the old all-channel run (~40 s a photo)")
+    parser.add_argument("--tolerances", default="0.05,0.1", help="looser tolerances to compare (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, preprocess, _ = load_model("efficientnet_lite0")
     photos = sample_images()
     default, old = lumos.ScoreCAM(model), OldScoreCAM(model)
-    rows = []
+    rows, inputs, fulls = [], {}, {}
     for name, photo in photos.items():
         x = preprocess([photo])
 
@@ -99,6 +107,7 @@ def main() -> None:
         r_before, t_before, _ = (float("nan"),) * 3 if args.skip_before else \
             once(lambda x=x: OldScoreCAM(model, max_channels=None)(x))
         ex, ex_old = default(x), old(x)
+        inputs[name], fulls[name] = x, full.maps
         rows.append((name, int(ex.params["channels_used"][0]), float(ex.params["error"][0]),
                      corr(ex.maps, full.maps), r_new, t_new, corr(ex_old.maps, full.maps), r_old,
                      int(full.params["channels_used"][0]), r_before, r_after, t_before / t_after))
@@ -117,6 +126,9 @@ def main() -> None:
           f"{min(r[6] for r in rows):>10.3f} {cols[7]:>6.1f} | {'':>10} {cols[9]:>6.0f}x {cols[10]:>6.0f}x "
           f"{cols[11]:>7.2f}x   (corr columns: the minimum)")
 
+    masked_input_cost(model, inputs[next(iter(inputs))], default.batch_size)
+    tolerance_tradeoff(model, inputs, fulls, [float(t) for t in args.tolerances.split(",") if t], args.rounds)
+
     if args.sweep:
         x = preprocess([next(iter(photos.values()))])
         print("\nall-channel Score-CAM on the first photo per batch_size (one call each):")
@@ -129,6 +141,45 @@ def main() -> None:
             t, _ = timed_result(lambda bs=bs: lumos.ScoreCAM(model, max_channels=None, batch_size=bs)(x))
             r = t / ((before + median_time(plain_first, 3)) / 2)
             print(f"  batch_size {bs:>3}: {t:6.2f} s = {r:5.0f}x a plain forward")
+
+
+def masked_input_cost(model: torch.nn.Module, x: torch.Tensor, batch_size: int, n: int = 64) -> None:
+    """Print one masked input's time (batches of ``batch_size``) / a plain forward of ``x``."""
+    acts = torch.rand(n, 7, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        target = resolve_targets(None, model(x)).target  # the predicted class
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def masked() -> None:
+        MaskScorer(model, x, target, 0.0, batch_size, None)(acts)
+
+    r, _ = ratio(plain, masked, 3)
+    per = r / (n + 1)  # the baseline is scored with the masks
+    print(f"\none masked input (batches of {batch_size}) = {per:.2f} of a plain forward, so 10x a forward buys at "
+          f"most {int((10 - 1) / per)} masks an image after the forward that finds the layer")
+
+
+def tolerance_tradeoff(model: torch.nn.Module, inputs: dict, fulls: dict, tolerances: list[float],
+                       rounds: int) -> None:
+    """Print mean masks, mean time ratio and the lowest correlation with all-channel Score-CAM per tolerance."""
+    print("\ntolerance  mean masks  mean ratio  lowest corr  (per photo: masks / corr)")
+    for tol in tolerances:
+        method = lumos.ScoreCAM(model, tolerance=tol)
+        per = []
+        for name, x in inputs.items():
+            def plain(x=x) -> None:
+                with torch.no_grad():
+                    model(x)
+
+            r, _ = ratio(plain, lambda x=x, method=method: method(x), rounds)
+            ex = method(x)
+            per.append((name, int(ex.params["channels_used"][0]), r, corr(ex.maps, fulls[name])))
+        detail = "  ".join(f"{n} {m}/{c:.3f}" for n, m, _, c in per)
+        print(f"{tol:>9} {statistics.mean(p[1] for p in per):>11.1f} {statistics.mean(p[2] for p in per):>10.1f}x "
+              f"{min(p[3] for p in per):>12.3f}  {detail}")
 
 
 if __name__ == "__main__":

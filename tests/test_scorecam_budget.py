@@ -125,3 +125,29 @@ def test_budget_alone_equals_in_batch_and_settings_are_checked():
     for bad in (-0.1, "high", True):
         with pytest.raises(lumos.LumosError, match="tolerance"):
             lumos.ScoreCAM(net, tolerance=bad)
+
+
+def test_a_map_stopped_by_the_cap_above_tolerance_is_reported_in_one_log_line(caplog):
+    torch.manual_seed(0)
+    net = GapNet().eval()
+    x = images(2)
+
+    def said(**settings) -> tuple[lumos.Explanation, list[str]]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lumos.methods.scorecam"):
+            ex = lumos.ScoreCAM(net, "features", **settings)(x, 0)
+        return ex, [r.getMessage() for r in caplog.records if r.name == "lumos.methods.scorecam"]
+
+    ex, lines = said(max_channels=4, tolerance=1e-9)
+    error = ex.params["error"]
+    assert torch.all(error > 1e-9) and torch.all(ex.params["channels_used"] == 4)
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert f"2 of 2 maps reached max_channels=4 masks with estimated error up to {float(error.max()):.3f}" in lines[0]
+    ex, lines = said(max_channels=1, tolerance=0.02)  # one mask: the error cannot be estimated
+    assert torch.all(ex.params["error"].isnan()) and len(lines) == 1 and "error up to unknown" in lines[0]
+    # nothing to say: the exact map, a tolerance met, or a fixed budget (no tolerance asked for)
+    quiet = ({"max_channels": None}, {"max_channels": 4, "tolerance": 0.5}, {"max_channels": 4, "tolerance": None})
+    for settings in quiet:
+        ex, lines = said(**settings)
+        assert lines == [], settings
+    assert float(ex.params["error"].max()) > 0  # the fixed budget has an error; it was not asked to meet one

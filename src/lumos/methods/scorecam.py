@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,8 @@ from lumos.errors import LumosError, positive_int
 from lumos.explanation import normalize_maps, upsample
 from lumos.methods.base import ActivationMethod, register
 from lumos.targets import OutputSpec, Target
+
+log = logging.getLogger(__name__)
 
 #: Masks scored in the first round of the adaptive budget; each later round doubles the number scored.
 FIRST_ROUND = 8
@@ -88,7 +91,22 @@ class ScoreCAM(ActivationMethod):
                 used[i] += n
                 error[i] = torch.maximum(error[i], err)
         extra = {"channels_used": used.repeat_interleave(k), "error": error.reshape(-1)}
+        self._report_cap(error)
         return [torch.cat(r) for r in raws], extra
+
+    def _report_cap(self, error: torch.Tensor) -> None:
+        """One log line when the cap stopped maps before their estimated error met the tolerance (an unknown
+        error, after a single mask, counts as not met)."""
+        if not self.tolerance:
+            return
+        over = (error > self.tolerance) | error.isnan()
+        if bool(over.any()):
+            known = error[over & ~error.isnan()]
+            worst = f"{float(known.max()):.3f}" if known.numel() else "unknown"
+            log.warning(
+                "Score-CAM: %d of %d maps reached max_channels=%s masks with estimated error up to %s, above "
+                "tolerance %g (see params['error']); raise max_channels, or max_channels=None for the exact map.",
+                int(over.sum()), error.numel(), self.max_channels, worst, self.tolerance)
 
 
 class MaskScorer:

@@ -202,8 +202,8 @@ def test_upload_explain_in_browser(server, browser, cat_jpeg):
 
 
 def test_detection_upload_boxes_explain_one(browser, tmp_path):
-    """``lumos app --task detection``: upload a synthetic scene, see its boxes, choose box 2 from the list, its
-    explanation appears (screenshot: ``LUMOS_SCREENSHOT_COPY_DETECTION=docs/images/app_detection.png``)."""
+    """``lumos app --task detection``: upload a synthetic scene, see its boxes, choose box 1 (the second) from the
+    list, its explanation appears (screenshot: ``LUMOS_SCREENSHOT_COPY_DETECTION=docs/images/app_detection.png``)."""
     from lumos.app import task_logic
 
     scene = tmp_path / "scene.png"
@@ -217,8 +217,8 @@ def test_detection_upload_boxes_explain_one(browser, tmp_path):
         _painted(page, _result(page, "scene.png: 3 detections"))
         boxes = page.locator('[data-testid="stRadio"] [role="radiogroup"] label')
         assert boxes.count() == 3
-        assert [t.split(":")[0] for t in boxes.all_inner_texts()] == ["box 1", "box 2", "box 3"]
-        _painted(page, _result(page, "Grad-CAM @ features.block5: box 1"))
+        assert [t.split(":")[0] for t in boxes.all_inner_texts()] == ["box 0", "box 1", "box 2"]
+        _painted(page, _result(page, "Grad-CAM @ features.block5: box 0"))
         second = boxes.nth(1).inner_text()
         boxes.nth(1).click()
         explained = _result(page, f"Grad-CAM @ features.block5: {second}")

@@ -70,7 +70,7 @@ def test_detection_view_example_boxes_then_explain_each_box(monkeypatch, scenes)
     truth = sorted(scenes.class_names[c] for c in scenes.labels[i].tolist() if c >= 0)
     options = at.radio[0].options
     # one line per box, "box k: class score", best first: the scene's three objects, each found once
-    assert [o.split(":")[0] for o in options] == [f"box {k + 1}" for k in range(len(options))]
+    assert [o.split(":")[0] for o in options] == [f"box {k}" for k in range(len(options))]
     assert sorted(o.split(" ")[2] for o in options) == truth
     scores = [float(o.split(" ")[3]) for o in options]
     assert scores == sorted(scores, reverse=True) and min(scores) >= 0.5
@@ -161,8 +161,8 @@ def test_task_helpers():
         task_logic.load_task_model("tracking")
     tm = task_logic.load_task_model("detection")
     det = task_logic.Detections(torch.tensor([[1.0, 2, 30, 40]]), torch.tensor([2]), torch.tensor([0.876]))
-    assert task_logic.box_choices(det, tm.names) == ["box 1: triangle 0.88"]
-    with pytest.raises(LumosError, match="There is no box 2"):
+    assert task_logic.box_choices(det, tm.names) == ["box 0: triangle 0.88"]
+    with pytest.raises(LumosError, match=r"There is no box 1: the image has 1 detections \(box 0 to 0\)"):
         task_logic.explain_box(tm, task_logic.scene_image("scene 1"), det, 1)
     with pytest.raises(LumosError, match="cannot explain a box"):
         task_logic.explain_box(tm, task_logic.scene_image("scene 1"), det, 0, method="cam")

@@ -536,6 +536,60 @@ def test_cli_helper_writes_boxes_overlays_and_gallery(shipped, tmp_path):
         explain_detection(model, scenes.images[i:i + 1], tmp_path, layer="features.block5", score_threshold=1.01)
 
 
+def test_cli_pictures_draw_a_pixel_method_as_pixels_and_number_the_boxes(shipped, tmp_path):
+    """Guided backprop's per-box picture is its pixel drawing (grey), not a jet heatmap, and the overview labels
+    the boxes "#k" as the files count them; the same picture drawn as a layer map would differ."""
+    import numpy as np
+    from PIL import Image
+
+    from lumos.cli_tasks import explain_detection
+    from lumos.render import to_pil_image
+    from lumos.render.boxes import draw_boxes, explained_box
+    from lumos.tasks import DetectionTarget
+
+    model, scenes, found = shipped
+    i = next(i for i, objs in enumerate(found) if len(objs) >= 2)
+    x = scenes.images[i:i + 1]
+    paths = explain_detection(model, x, tmp_path, method="guided_backprop", layer="features.block5",
+                              names=scenes.class_names, scale=2)
+    with torch.no_grad():
+        (boxes, labels, scores), = detections(model(x), 0.5, 0.5, 10)
+    ex = lumos.explain(model, x, "guided_backprop", target=DetectionTarget(boxes, labels))
+    image = to_pil_image(x[0])
+    as_pixels = explained_box(image, ex.maps[0], boxes[0], int(labels[0]), float(scores[0]), scenes.class_names,
+                              2, kind="pixel")
+    as_layer = explained_box(image, ex.maps[0], boxes[0], int(labels[0]), float(scores[0]), scenes.class_names, 2)
+    written = np.asarray(Image.open(paths[1]).convert("RGB"), dtype=int)
+    assert np.abs(written - np.asarray(as_pixels, dtype=int)).max() <= 1
+    assert np.abs(written - np.asarray(as_layer, dtype=int)).max() > 50
+    numbered = np.asarray(draw_boxes(image, boxes, labels, scores, scenes.class_names, 2, numbered=True))
+    plain = np.asarray(draw_boxes(image, boxes, labels, scores, scenes.class_names, 2))
+    assert np.array_equal(np.asarray(Image.open(paths[0]).convert("RGB")), numbered)
+    assert not np.array_equal(numbered, plain)
+
+
+def test_box_labels_move_rather_than_cover_each_other():
+    """Two boxes with the same top-left corner: the second label goes inside its box, a third below it; every
+    label is painted where it says (black plate) and no two plates overlap."""
+    from PIL import Image, ImageDraw
+
+    from lumos.render.boxes import draw_boxes, label_place
+
+    draw = ImageDraw.Draw(Image.new("RGB", (100, 100)))
+    box = (20.0, 30.0, 80.0, 70.0)
+    taken = []
+    for _ in range(3):
+        taken.append(label_place(draw, "#0 disc 0.65", box, taken)[1])
+    assert taken[0][3] <= 30 and 30 < taken[1][1] < 70 and taken[2][1] > 70
+    assert not any(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                   for j, a in enumerate(taken) for b in taken[j + 1:])
+    assert label_place(draw, "x", box, [(0.0, 0.0, 100.0, 100.0)])[0] == (22.0, 19.0)  # all taken: the first place
+    pic = draw_boxes(Image.new("RGB", (100, 100), (255, 255, 255)), torch.tensor([box, box, box]),
+                     torch.tensor([0, 1, 2]), numbered=True)
+    for x0, y0, *_ in taken:  # each plate's corner is black on the white image (label text is coloured)
+        assert pic.getpixel((int(x0), int(y0))) == (0, 0, 0)
+
+
 def test_run_task_on_image_files(tmp_path, one_thread):
     from PIL import Image
 

@@ -44,17 +44,18 @@ def explain_detection(
     ex = explain(model, x, method, target=DetectionTarget(boxes, labels), layer=layer, **settings)
     image = to_pil_image(x[0])
     paths = [out_dir / f"{stem}_boxes.png"]
-    draw_boxes(image, boxes, labels, scores, names, scale).save(paths[0])
+    overview = draw_boxes(image, boxes, labels, scores, names, scale, numbered=True)
+    overview.save(paths[0])
     cells, titles = [], []
     for k in range(len(boxes)):
-        cell = explained_box(image, ex.maps[k], boxes[k], int(labels[k]), float(scores[k]), names, scale)
+        cell = explained_box(image, ex.maps[k], boxes[k], int(labels[k]), float(scores[k]), names, scale,
+                             kind=ex.kind)
         paths.append(out_dir / f"{stem}_box{k}.png")
         cell.save(paths[-1])
         cells.append(cell)
         titles.append(f"box {k}: {_name(int(labels[k]), names)} {float(scores[k]):.2f}")
     paths.append(out_dir / f"{stem}_detections.png")
-    gallery([draw_boxes(image, boxes, labels, scores, names, scale)], [cells], col_titles=["detections", *titles],
-            out=paths[-1], cell_size=2.2)
+    gallery([overview], [cells], col_titles=["detections", *titles], out=paths[-1], cell_size=2.2)
     return paths
 
 
@@ -79,7 +80,7 @@ def explain_segmentation(
     paths, cells, titles = [], [], []
     for c in classes:
         ex = explain(model, x, method, target=SegmentationTarget(c), layer=layer, **settings)
-        cell = explained_region(image, ex.maps[0], pred == c, scale)
+        cell = explained_region(image, ex.maps[0], pred == c, scale, kind=ex.kind)
         paths.append(out_dir / f"{stem}_class{c}.png")
         cell.save(paths[-1])
         cells.append(cell)

@@ -131,19 +131,20 @@ def find_boxes(tm: TaskModel, image: Image.Image, score_threshold: float = 0.5, 
 
 
 def box_choices(det: Detections, names: Sequence[str]) -> list[str]:
-    """One line per box for the list: ``box 1: disc 0.87`` (numbered from 1, best first)."""
+    """One line per box for the list: ``box 0: disc 0.87`` (numbered from 0 as on the picture, the CLI's files and
+    ``DetectionTarget.box(k)``; best first)."""
     from lumos.render.boxes import label_name
 
-    return [f"box {k + 1}: {label_name(int(det.labels[k]), names)} {float(det.scores[k]):.2f}"
+    return [f"box {k}: {label_name(int(det.labels[k]), names)} {float(det.scores[k]):.2f}"
             for k in range(len(det))]
 
 
 def boxes_image(tm: TaskModel, image: Image.Image, det: Detections) -> Image.Image:
-    """The input image, ``SCALE`` times larger, with every box outlined and labelled "class score"."""
+    """The input image, ``SCALE`` times larger, with every box outlined and labelled "#k class score"."""
     from lumos.render.boxes import draw_boxes
 
     small, _ = task_input(tm, image)
-    return draw_boxes(small, det.boxes, det.labels, det.scores, tm.names, SCALE)
+    return draw_boxes(small, det.boxes, det.labels, det.scores, tm.names, SCALE, numbered=True)
 
 
 @dataclass
@@ -175,7 +176,7 @@ def explain_box(tm: TaskModel, image: Image.Image, det: Detections, k: int, meth
     from lumos.tasks import DetectionTarget
 
     if not 0 <= k < len(det):
-        raise LumosError(f"There is no box {k + 1}: the image has {len(det)} detections.")
+        raise LumosError(f"There is no box {k}: the image has {len(det)} detections (box 0 to {len(det) - 1}).")
     return _explain(tm, image, method, DetectionTarget(det.boxes[k:k + 1], det.labels[k:k + 1]), settings)
 
 

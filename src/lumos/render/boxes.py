@@ -1,7 +1,8 @@
 """Detection boxes and segmentation regions drawn on images: shared by ``lumos explain --task`` and the app.
 
-:func:`draw_boxes` outlines boxes with "class score" labels; :func:`explained_box` / :func:`explained_region`
-draw one explanation over the (upscaled) image with its box or its region's outline on top.
+:func:`draw_boxes` outlines boxes with "class score" labels (optionally numbered; a label moves rather than cover
+another); :func:`explained_box` / :func:`explained_region` draw one explanation over the (upscaled) image with its
+box or its region's outline on top.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from lumos.render.maps import draw_map
 
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230)]
+Rect = tuple[float, float, float, float]  # x0, y0, x1, y1
 
 
 def label_name(label: int, names: Sequence[str] | None) -> str:
@@ -24,19 +26,40 @@ def label_name(label: int, names: Sequence[str] | None) -> str:
 
 
 def draw_boxes(image: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor | None = None,
-               names: Sequence[str] | None = None, scale: int = 1) -> Image.Image:
-    """``image`` (upscaled ``scale`` times, nearest) with each box outlined and labelled "class score" (on black)."""
+               names: Sequence[str] | None = None, scale: int = 1, *, numbered: bool = False) -> Image.Image:
+    """``image`` (upscaled ``scale`` times, nearest) with each box outlined and labelled "class score" (on black;
+    ``numbered``: "#k class score", k counting from 0 as ``DetectionTarget.box(k)``). A label that would cover
+    an earlier one moves inside its box, then below it."""
     out = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(out)
+    taken: list[Rect] = []
     for k, (box, label) in enumerate(zip(boxes.tolist(), labels.tolist(), strict=True)):
         colour = PALETTE[int(label) % len(PALETTE)]
         x0, y0, x1, y1 = (v * scale for v in box)
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=max(1, scale // 2))
-        text = label_name(int(label), names) + ("" if scores is None else f" {float(scores[k]):.2f}")
-        xy = (x0 + 2, max(0, y0 - 11))
-        draw.rectangle(draw.textbbox(xy, text), fill=(0, 0, 0))  # readable on any background
+        text = (f"#{k} " if numbered else "") + label_name(int(label), names)
+        text += "" if scores is None else f" {float(scores[k]):.2f}"
+        xy, rect = label_place(draw, text, (x0, y0, x1, y1), taken)
+        taken.append(rect)
+        draw.rectangle(rect, fill=(0, 0, 0))  # readable on any background
         draw.text(xy, text, fill=colour)
     return out
+
+
+def label_place(draw: ImageDraw.ImageDraw, text: str, box: Rect,
+                taken: Sequence[Rect]) -> tuple[tuple[float, float], Rect]:
+    """Where ``text`` goes for ``box`` (x0, y0, x1, y1), and the rectangle it covers: above the box's top-left
+    corner, else just inside it, else below the box; the first place overlapping none of ``taken`` (the first
+    place when every one does)."""
+    x0, y0, _, y1 = box
+    places = [(x0 + 2, max(0.0, y0 - 11)), (x0 + 2, y0 + 2), (x0 + 2, y1 + 2)]
+    found = [(xy, tuple(float(v) for v in draw.textbbox(xy, text))) for xy in places]
+    free = [f for f in found if not any(_overlap(f[1], t) for t in taken)]
+    return (free or found)[0]
+
+
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _upscaled(image: Image.Image, scale: int) -> Image.Image:

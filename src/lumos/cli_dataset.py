@@ -138,6 +138,8 @@ def explain_dataset(
                                                           if errors else ""), highlight=False)
     if report:
         _write_report(result.store, result.store / "report", None, None, 8)
+    if errors or result.problems:  # finished, but some inputs failed: exit 1, as `lumos explain`
+        raise typer.Exit(1)
 
 
 def _error_rows(store: Path) -> int:

@@ -258,3 +258,6 @@ def test_cli_summary_counts_an_unreadable_image_apart(shortcut_data, tmp_path, c
     code, out, err = _cli(capsys, "explain-dataset", folder, "--store", tmp_path / "s2", "-m", SHORTCUT,
                           "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
     assert code == 0 and "could not be read" not in out, (code, out, err)
+    code, out, err = _cli(capsys, "explain-dataset", folder, tmp_path / "missing", "--store", tmp_path / "s3", "-m",
+                          SHORTCUT, "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
+    assert code == 1 and "missing: no such file or directory" in err and "1 processed now" in out, (code, out, err)

@@ -323,6 +323,60 @@ def test_errors_are_one_line(timm_pair) -> None:
         method_class("rollout")(Windows())(_x(16, 16))
 
 
+def test_one_model_captured_on_two_threads_neither_fails_nor_mixes(torchvision_vit) -> None:
+    """Thread A holds a capture of a torchvision ViT (wrapped nn.MultiheadAttention) open. Meanwhile a plain
+    forward on the main thread is not recorded by A, and a capture on thread C waits for A instead of failing;
+    A and C record exactly what a capture alone records."""
+    import threading
+
+    x = _x(32, 32)
+    with capture_attention(torchvision_vit) as alone, torch.no_grad():
+        torchvision_vit(x)
+    inside, release, results, errors = threading.Event(), threading.Event(), {}, []
+
+    def capture(name: str, hold: bool) -> None:
+        try:
+            with capture_attention(torchvision_vit) as rec, torch.no_grad():
+                torchvision_vit(x)
+                if hold:
+                    inside.set()
+                    release.wait(60)
+            results[name] = rec.probs
+        except Exception as err:  # noqa: BLE001 (reported below)
+            errors.append(err)
+            inside.set()
+
+    a = threading.Thread(target=capture, args=("a", True))
+    a.start()
+    assert inside.wait(60)
+    with torch.no_grad():
+        torchvision_vit(x[:1])  # a plain forward while A's modules are wrapped
+    c = threading.Thread(target=capture, args=("c", False))
+    c.start()
+    c.join(0.5)
+    assert c.is_alive(), "the second capture should wait for the first"
+    release.set()
+    a.join(60)
+    c.join(60)
+    assert not errors, errors
+    for name in "ac":
+        assert len(results[name]) == len(alone.probs)
+        assert all(torch.equal(p, q) for p, q in zip(results[name], alone.probs, strict=True))
+    assert "forward" not in torchvision_vit.encoder.layers[0].self_attention.__dict__
+
+
+def test_a_forward_replaced_by_someone_else_is_refused_and_left_in_place(torchvision_vit) -> None:
+    mha = torchvision_vit.encoder.layers[1].self_attention
+    mha.forward = mine = lambda *a, **k: None  # noqa: ARG005
+    try:
+        with pytest.raises(AttentionError, match="forward replaced"), capture_attention(torchvision_vit):
+            pass
+        assert mha.forward is mine
+        assert "forward" not in torchvision_vit.encoder.layers[0].self_attention.__dict__
+    finally:
+        del mha.forward
+
+
 def test_method_all_runs_the_general_methods_and_attention_methods_are_chosen_by_name():
     """``--method all`` means every method that works on any model (so a CNN run does not fail on rollout);
     the attention methods stay available by name and in ``lumos.methods()``."""

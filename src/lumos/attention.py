@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -42,6 +44,9 @@ _MHA = F.multi_head_attention_forward
 _MHA_SIGNATURE = inspect.signature(_MHA)
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax}
+# one lock per model whose nn.MultiheadAttention modules a capture wraps: the wrap is shared by every thread
+_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 class AttentionError(LumosError):
@@ -163,13 +168,17 @@ class AttentionRecorder(TorchFunctionMode):
     def wrap(self, module: nn.MultiheadAttention) -> Callable:
         """An instance ``forward`` for an ``nn.MultiheadAttention`` that runs it exactly as without the capture
         (torch functions off inside, so its native fast path is still taken where it would be; no grad there
-        if the caller had none) and records its probabilities beside it."""
-        forward = module.forward
+        if the caller had none) and records its probabilities beside it. Calls from other threads than the one
+        that wrapped it run the module untouched and are not recorded."""
+        forward, owner = module.forward, threading.get_ident()
 
         def wrapped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                     attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                     is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if threading.get_ident() != owner:
+                return forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                               is_causal)
             if self.caller_grad is None:
                 self.caller_grad = torch.is_grad_enabled()
             with torch._C.DisableTorchFunction():  # any mode would force the slower path: other bits
@@ -211,20 +220,30 @@ def capture_attention(model: nn.Module | None = None, grad: bool = False) -> Ite
     the probabilities are on the autograd graph (``torch.autograd.grad(score, recorder.probs)``). Give the
     ``model`` so its ``nn.MultiheadAttention`` modules keep their native fast path (without it they run the
     functional path: the same math, not always the same bits). The grad mode and the modules are restored
-    and the mode removed on exit (exceptions included).
+    and the mode removed on exit (exceptions included). The mode is per thread; a capture that wraps a model's
+    modules holds that model's lock, so a second thread capturing the same model waits for the first, and
+    plain forwards of the model on other threads meanwhile run unrecorded.
     """
     grad_mode = torch.is_grad_enabled()
     recorder = AttentionRecorder(grad)
     wrapped = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)] if model is not None else []
-    try:
-        for m in wrapped:
-            if "forward" in m.__dict__:
-                raise AttentionError(f"An nn.MultiheadAttention of {type(model).__name__} has its forward replaced; "
-                                     "attention methods cannot record it.")
-            m.forward = recorder.wrap(m)
-        with recorder:
-            yield recorder
-    finally:
-        for m in wrapped:
-            m.__dict__.pop("forward", None)
-        torch.set_grad_enabled(grad_mode)
+    done: list[nn.Module] = []
+    with _model_lock(model) if wrapped else nullcontext():
+        try:
+            for m in wrapped:
+                if "forward" in m.__dict__:
+                    raise AttentionError(f"An nn.MultiheadAttention of {type(model).__name__} has its forward "
+                                         "replaced; attention methods cannot record it.")
+                m.forward = recorder.wrap(m)
+                done.append(m)
+            with recorder:
+                yield recorder
+        finally:
+            for m in done:  # only ours: a forward someone else replaced stays
+                m.__dict__.pop("forward", None)
+            torch.set_grad_enabled(grad_mode)
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.RLock())

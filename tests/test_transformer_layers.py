@@ -108,7 +108,9 @@ def test_explaining_leaves_the_model_output_unchanged(arch):
     with torch.no_grad():
         after = logits(model, x)
     assert torch.equal(before, after)
-    torch.testing.assert_close(ex.output, before, rtol=1e-5, atol=1e-6)
+    # ex.output comes from a forward with autograd on: nn.MultiheadAttention then leaves its fused fast path, so
+    # the last bits differ (1.3e-6 on a vit_b_16 logit of 0.01 was seen when this test ran alone)
+    torch.testing.assert_close(ex.output, before, rtol=1e-5, atol=1e-5)
 
 
 # -- non-square inputs, other input sizes -------------------------------------------------------------------------

@@ -166,6 +166,24 @@ def test_a_changed_spec_is_refused_unless_restarted(data, tmp_path) -> None:
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(LumosError, match="not a lumos data set store"):
         explain_dataset(items, tiny_spec(data), tmp_path / "other", workers=0)
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]  # not even a lock file
+
+
+def test_a_store_being_written_is_refused_to_a_second_run(data, tmp_path) -> None:
+    """While one run holds a store (its lock), a second run on it is a one-line error naming the holder and
+    writes nothing; once the first ends, the same call runs. (A killed run's lock goes with its process: the
+    SIGKILL test above resumes after one.)"""
+    import os
+
+    from lumos.dataset.store import store_lock
+
+    store = tmp_path / "store"
+    items = [Item(i, str(p)) for i, p in enumerate(sorted((data / "disc").glob("0*.png"))[:2])]
+    with store_lock(store):
+        with pytest.raises(LumosError, match=rf"being written by another run \(process {os.getpid()}\)"):
+            explain_dataset(items, tiny_spec(data), store, workers=0)
+        assert not (store / "manifest.json").exists() and not (store / "chunks").exists()
+    assert explain_dataset(items, tiny_spec(data), store, workers=0).explained == 2
 
 
 def test_unknown_label_and_topk_are_one_line_errors(data, tmp_path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from lumos.dataset.batch import BatchWorker, RunOptions, spec_hash
 from lumos.dataset.sources import Item, list_items
-from lumos.dataset.store import Store, chunk_ranges
+from lumos.dataset.store import Store, chunk_ranges, store_lock
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, ExplainSpec
 
@@ -75,20 +75,21 @@ def explain_dataset(
     meta = {"spec_text": _spec_text(spec, options), "spec": repr(spec), "options": repr(options),
             "map_dtype": options.map_dtype, "methods": spec.method_names, "target_kinds": list(options.kinds),
             "labels": None if worker.labels is None else list(worker.labels)}
-    st = Store.open(store, items, spec_hash(spec, options), meta, options.chunk_size, restart=restart)
-    done = st.done_chunks()
-    chunks = [(k, r) for k, r in chunk_ranges(len(items), options.chunk_size) if k not in done]
-    todo = sum(len(r) for _, r in chunks)
-    if on_start is not None:
-        on_start(len(items), len(items) - todo)
-    if engine == "local":
-        from lumos.dataset.local import run_local
+    with store_lock(store):  # one run writes a store at a time
+        st = Store.open(store, items, spec_hash(spec, options), meta, options.chunk_size, restart=restart)
+        done = st.done_chunks()
+        chunks = [(k, r) for k, r in chunk_ranges(len(items), options.chunk_size) if k not in done]
+        todo = sum(len(r) for _, r in chunks)
+        if on_start is not None:
+            on_start(len(items), len(items) - todo)
+        if engine == "local":
+            from lumos.dataset.local import run_local
 
-        run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
-    else:
-        from lumos.dataset.ray_engine import run_ray
+            run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
+        else:
+            from lumos.dataset.ray_engine import run_ray
 
-        run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
+            run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
     return DatasetRun(st.root, len(items), todo, len(items) - todo, problems)
 
 

@@ -4,11 +4,13 @@
 STORE/manifest.json          format, spec hash, the spec and run options as text, item count and fingerprint
 STORE/items.parquet          the numbered images of the run (index, path, label, box)
 STORE/chunks/part-00000.parquet   rows of images 0 .. chunk_size-1, one per (image, target kind, method)
+STORE/.lumos-lock            held (an OS file lock) by the run writing the store
 ```
 
 A chunk is written to a hidden temporary file and renamed into place, so after a crash (even SIGKILL) every
 ``part-*.parquet`` is complete and a re-run skips exactly those. A store made with another spec, run options
 or list of images refuses to take more rows unless it is started over (``restart=True``, ``--restart``).
+One run writes a store at a time (:func:`store_lock`); the OS drops the lock when its process ends, however.
 Open it with ``pyarrow.parquet.read_table(STORE / "chunks")`` or ``pandas.read_parquet``; :func:`decode_map`
 turns a row's map back into floats.
 """
@@ -20,15 +22,17 @@ import os
 import re
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from lumos.dataset.sources import Item, fingerprint
 from lumos.errors import LumosError
 
-__all__ = ["FORMAT", "Store", "read_store", "schema"]
+__all__ = ["FORMAT", "Store", "read_store", "schema", "store_lock"]
 
 FORMAT = "lumos-dataset-store/1"
+LOCK = ".lumos-lock"
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
 
 
@@ -98,10 +102,8 @@ class Store:
         store = cls(root)
         manifest = {"format": FORMAT, "spec_hash": spec_hash, "items": len(items), "chunk_size": chunk_size,
                     "items_fingerprint": fingerprint(items), **meta}
+        _refuse_foreign(store.root)
         old = store.manifest() if store.manifest_path.exists() else None
-        if old is None and store.root.is_dir() and any(store.root.iterdir()):
-            raise LumosError(f"{store.root} is not empty and is not a lumos data set store; give a new or empty "
-                             "folder (--store).")
         if old is not None and not restart:
             why = store._difference(old, manifest)
             if why:
@@ -184,6 +186,60 @@ class Store:
 
     def chunk_files(self) -> list[Path]:
         return sorted(p for p in self.chunks_dir.glob("part-*.parquet") if _PART.match(p.name))
+
+
+@contextmanager
+def store_lock(root: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold ``root``'s write lock (creating the folder) for a run; a store another run holds is a one-line error.
+
+    An OS lock on ``root/.lumos-lock`` (``flock``; ``msvcrt.locking`` on Windows): released when the run ends or
+    its process dies, so a crashed run never blocks its resume. The file keeps the holder's process id."""
+    root = Path(root)
+    _refuse_foreign(root)  # a folder that is not a store gets no lock file either
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise LumosError(f"Cannot create the store folder {root}: {err.strerror or err}.") from None
+    try:
+        if not _try_lock(fd):
+            try:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            except OSError:
+                holder = "?"
+            raise LumosError(f"The store {root} is being written by another run (process {holder}); wait for it "
+                             "to finish, or give another --store.")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _refuse_foreign(root: Path) -> None:
+    """A one-line error if ``root`` is a folder with files but no store manifest (it is never written to)."""
+    if (root.is_dir() and not (root / "manifest.json").exists()
+            and any(p.name != LOCK for p in root.iterdir())):
+        raise LumosError(f"{root} is not empty and is not a lumos data set store; give a new or empty folder "
+                         "(--store).")
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # the first byte, from the position 0 that open gave
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def chunk_ranges(n_items: int, chunk_size: int) -> Iterator[tuple[int, range]]:

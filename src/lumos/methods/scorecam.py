@@ -105,7 +105,8 @@ class ScoreCAM(ActivationMethod):
             worst = f"{float(known.max()):.3f}" if known.numel() else "unknown"
             log.warning(
                 "Score-CAM: %d of %d maps reached max_channels=%s masks with estimated error up to %s, above "
-                "tolerance %g (see params['error']); raise max_channels, or max_channels=None for the exact map.",
+                "tolerance %g (see params['error']); raise max_channels (CLI: --set max_channels=N), or "
+                "max_channels=None (--set max_channels=none) for the exact map.",
                 int(over.sum()), error.numel(), self.max_channels, worst, self.tolerance)
 
 

@@ -119,6 +119,33 @@ def test_box_deletion_matches_a_hand_loop(shipped):
         Deletion(steps=2)(model, scenes.images[:1], maps[:1], DetectionTarget(found.boxes[:2], found.labels[:2]))
 
 
+def test_average_drop_of_a_box_matches_a_hand_loop(shipped):
+    """Average Drop / Increase take a detection box as Deletion does: the box's score on the image against its
+    score on the image times its min-max-scaled map (by hand), one value per image; two boxes per image are a
+    one-line error."""
+    from lumos.evaluate import AverageDropIncrease
+
+    model, scenes, found = shipped
+    rows = torch.arange(3)
+    x = scenes.images[found.scene[rows]]
+    maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1))
+    target = DetectionTarget(found.boxes[rows, None], found.labels[rows, None])
+    result = AverageDropIncrease()(model, x, maps, target)
+    for j in range(3):
+        m = (maps[j] - maps[j].min()) / (maps[j].max() - maps[j].min())
+        m = torch.nn.functional.interpolate(m[None, None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+        with torch.no_grad():
+            t = DetectionTarget(found.boxes[j][None], [int(found.labels[j])]).resolve(model(x[j:j + 1]))
+            y, o = float(t.scores(model(x[j:j + 1]))[0, 0]), float(t.scores(model(x[j:j + 1] * m))[0, 0])
+        assert float(result.probs[j]) == pytest.approx(y, abs=1e-5)
+        assert float(result.masked_probs[j]) == pytest.approx(o, abs=1e-5)
+        assert float(result.drop[j]) == pytest.approx(max(0.0, y - o) / y, abs=1e-5)
+        assert bool(result.increase[j]) == (o > y)
+    assert result.classes.tolist() == [-1, -1, -1]
+    with pytest.raises(LumosError, match="one target per image"):
+        AverageDropIncrease()(model, scenes.images[:1], maps[:1], DetectionTarget(found.boxes[:2], found.labels[:2]))
+
+
 @pytest.mark.parametrize("method, settings", [("gradcam", {}), ("occlusion", {"window": 16, "stride": 16})])
 def test_grouped_maps_are_each_scenes_own_maps(shipped, method, settings):
     model, scenes, found = shipped

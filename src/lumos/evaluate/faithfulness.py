@@ -249,7 +249,9 @@ class AverageDropIncrease:
     """Average Drop and Increase in Confidence (Chattopadhay et al. 2018; Score-CAM's definition).
 
     The image (in model input space) is multiplied by its map, min-max normalised to [0, 1] at the map's
-    own resolution and then bilinearly upsampled. **Lower drop, higher increase are better.**
+    own resolution and then bilinearly upsampled. **Lower drop, higher increase are better.** Targets as for
+    :class:`Deletion`: a class per image (None = top-1), or any target scoring one value per image (a detection
+    box, ``DetectionTarget(...).box(j)``, or a segmentation region), whose confidence is compared.
     """
 
     def __init__(self, batch_size: int = 64, normalize: bool = True, output: OutputSpec = None,
@@ -269,8 +271,7 @@ class AverageDropIncrease:
             m = minmax(m)
         m = check_maps(m, x)
         with scoring(model, self.eval_mode):
-            classes = resolve_classes(model, x, targets, self.output)
-            target = class_target(model, x, classes, self.output)
+            classes, target = curve_target(model, x, targets, self.output)
             y, o = [], []
             for lo in range(0, x.shape[0], self.batch_size):
                 sl = slice(lo, lo + self.batch_size)

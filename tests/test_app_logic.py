@@ -276,6 +276,25 @@ def test_app_scorecam_settings_default_to_the_library():
         assert s.default == params[s.param].default, s.param
 
 
+def test_app_settings_below_the_library_default_say_so():
+    """Every app setting either starts at the method constructor's default or names that default in its label
+    (RISE starts at 1000 masks in the app, 4000 in the library)."""
+    import inspect
+
+    seen = 0
+    for method in logic.KNOWN_SETTINGS:
+        if method not in lumos.methods():
+            continue
+        params = inspect.signature(lumos.method_class(method).__init__).parameters
+        for s in logic.method_settings(method):
+            library = params[s.param].default
+            assert (s.default == library) != (f"library default {library}" in s.label), (method, s)
+            seen += s.default != library
+    assert seen >= 3
+    (rise,) = logic.method_settings("rise")
+    assert rise.default == 1000 and rise.label == "RISE masks; library default 4000"
+
+
 def test_parse_args_settings_and_command():
     cfg = logic.parse_app_args(["-q", "--model", "pkg.mod:Net", "--size", "64", "--mean", "0.5,0.5,0.5"])
     assert cfg.model == "pkg.mod:Net" and cfg.size == 64 and cfg.mean == (0.5, 0.5, 0.5)

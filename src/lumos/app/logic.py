@@ -19,7 +19,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -348,19 +348,29 @@ KNOWN_SETTINGS: dict[str, dict[str, Setting]] = {
 }
 
 
-def _init_params(method: str) -> set[str]:
+def _init_params(method: str) -> dict[str, inspect.Parameter]:
     import lumos
 
     try:
-        return set(inspect.signature(lumos.method_class(method).__init__).parameters)
+        return dict(inspect.signature(lumos.method_class(method).__init__).parameters)
     except (TypeError, ValueError):  # pragma: no cover
-        return set()
+        return {}
 
 
 def method_settings(method: str) -> list[Setting]:
-    """The settings the app offers for ``method`` (only those its constructor accepts)."""
+    """The settings the app offers for ``method`` (only those its constructor accepts). A setting whose app
+    default is smaller than the library's, to stay interactive, says the library's in its label, so a map that
+    differs from ``lumos explain``'s is never a surprise."""
     params = _init_params(method)
-    return [s for p, s in KNOWN_SETTINGS.get(method, {}).items() if p in params]
+    out = []
+    for p, s in KNOWN_SETTINGS.get(method, {}).items():
+        if p not in params:
+            continue
+        library = params[p].default
+        if library is not inspect.Parameter.empty and library != s.default:
+            s = replace(s, label=f"{s.label}; library default {library}")
+        out.append(s)
+    return out
 
 
 @dataclass

@@ -267,6 +267,15 @@ def test_decode_limits_and_formats(monkeypatch):
     assert max(big.size) == logic.DISPLAY_MAX_SIDE and big.mode == "RGB"
 
 
+def test_result_caption_says_when_a_map_is_zero_everywhere():
+    def result(values: np.ndarray) -> logic.MethodResult:
+        return logic.MethodResult("gradcam", values, values, 3, 0.5, "_act1", False)
+
+    assert logic.result_caption(result(np.ones((4, 4), np.float32))) == "Grad-CAM @ _act1"
+    blank = logic.result_caption(result(np.zeros((4, 4), np.float32)))
+    assert blank.startswith("Grad-CAM @ _act1: zero everywhere, nothing to draw (the exact result")
+
+
 def test_app_scorecam_settings_default_to_the_library():
     """The app offers Score-CAM's per-image budget with the library's own defaults (not a smaller fixed cap)."""
     import inspect

@@ -287,6 +287,32 @@ def tiny_module(tmp_path, monkeypatch) -> str:
     sys.modules.pop(name, None)
 
 
+def test_blank_maps_are_said_once_per_method_naming_the_files(capsys, tmp_path, tiny_module, photos):
+    """A head of zeros: every map is zero everywhere. `lumos explain` says so in one warning line per method
+    naming the files (not one engine line per batch), and the gallery caption says it under each cell."""
+    import importlib
+
+    model = importlib.import_module(tiny_module).build()
+    torch.nn.init.zeros_(model.fc.weight)
+    weights = tmp_path / "zero_head.pt"
+    torch.save(model.state_dict(), weights)
+    code, out, err = _run(capsys, "explain", photos / "rgb.png", photos / "gray.png", "--model",
+                          f"{tiny_module}:build", "--weights", weights, "--size", "32", "--method", "gradcam,gradients",
+                          "--batch-size", "1", "--gallery", "--out", tmp_path / "out")
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if "zero everywhere" in line]
+    assert [line.split(":")[1] for line in lines] == [" gradcam", " gradients"], err
+    assert all(line.startswith("warning:") and "2 map(s)" in line and "rgb.png" in line and "gray.png" in line
+               for line in lines), lines
+    from lumos.explainer import Explainer, ExplainSpec, ModelSpec
+    from lumos.runner import explain_images
+
+    spec = ExplainSpec(model=ModelSpec(f"{tiny_module}:build", str(weights), size=32), methods=("gradcam",))
+    report = explain_images(Explainer(spec), [("rgb.png", Image.open(photos / "rgb.png"))])
+    assert report.blank == {"gradcam": [f"rgb.png (class {report.results[0].classes['gradcam'][0]})"]}
+    assert report.results[0].captions["gradcam"][0].endswith("zero everywhere: nothing to draw")
+
+
 def test_module_callable_model_with_weights_and_size(capsys, tmp_path, tiny_module, one_image):
     import importlib
 

@@ -261,6 +261,27 @@ def test_list_files_and_globs(data, tmp_path) -> None:
     assert [why for _, why in problems] == ["no such file or directory", "the pattern matches no file"]
 
 
+def test_cli_counts_blank_maps_once_at_the_end(data, tmp_path, capsys) -> None:
+    """A zeroed head makes every Grad-CAM map zero everywhere: one warning line with the count read from the
+    store (not one engine line per batch)."""
+    import shutil
+
+    from lumos.synthetic import load_tinycnn
+
+    state = load_tinycnn().state_dict()
+    state["fc.weight"].zero_()
+    torch.save(state, tmp_path / "zero_head.pt")
+    folder = tmp_path / "six"
+    folder.mkdir()
+    for k, src in enumerate(sorted((data / "disc").glob("0*.png"))[:6]):
+        shutil.copy(src, folder / f"{k}.png")
+    code, out, err = _cli(capsys, "explain-dataset", folder, "--store", tmp_path / "s", "-m", CLEAN, "--weights",
+                          tmp_path / "zero_head.pt", "--size", "64", "--mean", "0", "--std", "1", "--workers", "0",
+                          "--batch-size", "2")
+    lines = [line for line in err.splitlines() if "zero everywhere" in line]
+    assert code == 0 and lines == [lines[0]] and lines[0].startswith("warning: 6 map(s) are zero everywhere"), err
+
+
 def test_cli_summary_counts_an_unreadable_image_apart(shortcut_data, tmp_path, capsys) -> None:
     import shutil
 

@@ -196,15 +196,26 @@ def test_explanation_fields_and_explicit_postprocessing():
         lumos.explain(model, x, upsample="lanczos")
 
 
-def test_constant_map_gives_zeros_not_nan():
+def test_constant_map_gives_zeros_not_nan_and_says_so_in_one_line(caplog):
+    """A model with every weight 0: every method's maps are exactly 0 (never NaN), and each call logs one line
+    saying the maps are zero everywhere (drawn as nothing); a trained-looking model logs no such line."""
     model = GapNet().eval()
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
     for method in lumos.methods(general=True):
-        ex = lumos.explain(model, images(2), method=method)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lumos.engine"):
+            ex = lumos.explain(model, images(2), method=method)
         assert torch.isfinite(ex.maps).all(), method
         assert (ex.maps == 0).all(), method
+        lines = [r.getMessage() for r in caplog.records if "zero everywhere" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(f"{method}: 2 of 2 maps are zero everywhere"), (method, lines)
+        assert "(image 0 class 0, image 1 class 0)" in lines[0] and "\n" not in lines[0], lines
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lumos.engine"):
+        lumos.explain(GapNet().eval(), images(2), method="gradcam")
+    assert not [r for r in caplog.records if "zero everywhere" in r.getMessage()]
 
 
 def test_bad_inputs_are_one_line_errors():

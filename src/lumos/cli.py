@@ -200,6 +200,12 @@ def explain(
     failures += report.failures
     for _, reason in failures:
         err_console.print(f"error: {_cli_wording(reason)}", highlight=False, markup=False)
+    for name, maps in report.blank.items():
+        shown = ", ".join(maps[:4]) + (f" and {len(maps) - 4} more" if len(maps) > 4 else "")
+        err_console.print(f"warning: {name}: {len(maps)} map(s) are zero everywhere, so nothing is drawn: {shown}. "
+                          "This is the exact result: the class's score does not change with what the method looks at "
+                          "(e.g. a head still initialised to zero), or a CAM has no positive evidence.",
+                          highlight=False, markup=False)
     if report.results:
         out_console.print(format_times(times), highlight=False)
     out_console.print(

@@ -132,21 +132,31 @@ def explain_dataset(
                      ray={"address": address, "concurrency": concurrency, "num_gpus": num_gpus, "threads": threads})
     for path, why in result.problems:
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
-    errors = _error_rows(result.store)
+    errors, blank = _error_and_blank_rows(result.store)
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
                       f"{result.skipped} already done" + (f"; {errors} could not be read (rows with their error)"
                                                           if errors else ""), highlight=False)
+    if blank:
+        err_console.print(f"warning: {blank} map(s) are zero everywhere (map_lo = map_hi = 0): nothing to draw. This "
+                          "is the exact result: the class's score does not change with what the method looks at (e.g. "
+                          "a head still initialised to zero), or a CAM has no positive evidence.",
+                          highlight=False, markup=False)
     if report:
         _write_report(result.store, result.store / "report", None, None, 8)
     if errors or result.problems:  # finished, but some inputs failed: exit 1, as `lumos explain`
         raise typer.Exit(1)
 
 
-def _error_rows(store: Path) -> int:
+def _error_and_blank_rows(store: Path) -> tuple[int, int]:
+    """Rows of images that could not be read, and rows whose map is zero everywhere."""
+    import pyarrow.compute as pc
+
     from lumos.dataset import read_store
 
-    table = read_store(store, columns=["error"])
-    return table.num_rows - table.column("error").null_count
+    table = read_store(store, columns=["error", "map_lo", "map_hi"])
+    ok = pc.is_null(table.column("error"))
+    zero = pc.and_(pc.equal(table.column("map_lo"), 0), pc.equal(table.column("map_hi"), 0))
+    return table.num_rows - table.column("error").null_count, int(pc.sum(pc.and_(ok, zero)).as_py() or 0)
 
 
 def report_command(

@@ -17,6 +17,8 @@ A method is math on top of this (see ``lumos.methods``): it says which forward i
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -32,6 +34,11 @@ from lumos.explanation import Explanation, Kind
 from lumos.layers import Site
 from lumos.rules import Rule, RuleState, backward_rules, squash_watch
 from lumos.targets import OutputSpec, Target, Targets, TargetSpec, probability_kind, resolve_targets, select_output
+
+log = logging.getLogger(__name__)
+# Whether a call logs its blank maps: not while a method computes (calls it makes to other methods, e.g.
+# SmoothGrad's base, are parts, not results), nor under quiet_blank_maps (batch surfaces say it per file)
+_REPORT_BLANK = contextvars.ContextVar("lumos_report_blank_maps", default=True)
 
 # Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
 # selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
@@ -254,9 +261,44 @@ def run(method: MethodLike, x: object, target: TargetSpec = None) -> Explanation
         sites = method.sites(x)
         fw = forward(method.model, x, sites, target, output=method.output, labels=method.labels,
                      probs=method.probs, grad_mode=method.grad_mode, rule=method.rule)
-        result = method.compute(fw)
+        with quiet_blank_maps():
+            result = method.compute(fw)
     raws, extra = result if isinstance(result, tuple) else (result, {})
     return build(method, x, raws, fw, extra)
+
+
+def blank_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(N,) bool on the CPU: which finished maps (N, H, W) are zero everywhere (drawn as nothing)."""
+    return (maps.detach().flatten(1) == 0).all(1).cpu()
+
+
+@contextmanager
+def quiet_blank_maps() -> Iterator[None]:
+    """Calls inside log no blank-map line (a surface that reports per file, or a method's inner calls)."""
+    token = _REPORT_BLANK.set(False)
+    try:
+        yield
+    finally:
+        _REPORT_BLANK.reset(token)
+
+
+def report_blank_maps(method: str, maps: torch.Tensor, layers: list[str], classes: torch.Tensor | None, k: int,
+                      relu: bool = False) -> None:
+    """One log line when finished maps (N, H, W) are zero everywhere: exact, but drawn as nothing, so say so
+    (not for a method's inner calls: the result they make up says it once)."""
+    if not _REPORT_BLANK.get() or maps.ndim < 2 or maps.shape[0] == 0:
+        return
+    blank = blank_maps(maps)
+    if not bool(blank.any()):
+        return
+    which = blank.nonzero()[:, 0].tolist()
+    cls = None if classes is None else classes.reshape(-1).cpu()
+    shown = ", ".join(f"image {i // k}" + ("" if cls is None else f" class {int(cls[i])}") for i in which[:3])
+    where = f"at {', '.join(layers)} " if layers else ""
+    log.warning("%s: %d of %d maps are zero everywhere %s(%s%s), so nothing is drawn for them. This is the exact "
+                "result: the target's score does not change with what the method looks at (e.g. a head still "
+                "initialised to zero)%s.", method, len(which), blank.numel(), where, shown,
+                ", ..." if len(which) > 3 else "", ", or no evidence is positive after ReLU" if relu else "")
 
 
 def build(method: MethodLike, x: torch.Tensor, raws: list[torch.Tensor], fw: Forward,
@@ -266,9 +308,11 @@ def build(method: MethodLike, x: torch.Tensor, raws: list[torch.Tensor], fw: For
     t = fw.targets
     b, k = t.scores.shape
     names = method.layer_names(fw)
+    maps = method.finish(raws, tuple(x.shape[-2:]))
+    report_blank_maps(method.name, maps, names, t.classes, k, bool(getattr(method, "relu", False)))
     flat = (lambda v: None if v is None else v.detach().reshape(-1))  # noqa: E731
     return Explanation(
-        maps=method.finish(raws, tuple(x.shape[-2:])),
+        maps=maps,
         raw=raws[0] if len(raws) == 1 else tuple(raws),
         targets=flat(t.classes),
         scores=flat(t.scores),

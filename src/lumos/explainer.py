@@ -377,11 +377,14 @@ class Explainer:
         ``on_method(name, seconds)`` is called after each method (progress)."""
         import time
 
+        from lumos.engine import quiet_blank_maps
+
         x = self.preprocess(images)
         explanations: dict[str, Explanation] = {}
         for name, method in self.methods(x).items():
             start = time.perf_counter()
-            explanations[name] = method(x, self.spec.target).cpu()
+            with quiet_blank_maps():  # the surfaces say it per file (runner captions, CLI, store summary)
+                explanations[name] = method(x, self.spec.target).cpu()
             if on_method is not None:
                 on_method(name, time.perf_counter() - start)
         first = next(iter(explanations.values()))

@@ -22,6 +22,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from lumos.engine import blank_maps
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
@@ -88,6 +89,7 @@ class RunReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     written: list[Path] = field(default_factory=list)
     stems: dict[str, str] = field(default_factory=dict)  # image name -> output file stem
+    blank: dict[str, list[str]] = field(default_factory=dict)  # method -> "image (class)" of maps zero everywhere
     scale: str = DEFAULT_SCALE
     colormap: str = "jet"
     _pending: list[Future] = field(default_factory=list, repr=False)
@@ -370,12 +372,18 @@ def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, o
                 res.references[name] = (render_map(res.image, ref, j, colormap, alpha, scale=s),
                                         f"top class: {caption}")
         index = [int(i) for i in ex.image_index]
+        blank = blank_maps(ex.maps)
         for j in range(len(ex)):
             res = results[index[j]]
             rank, per_image = index[:j].count(index[j]), index.count(index[j])
             res.overlays.setdefault(name, []).append(None)  # drawn below: now (captions) or in the background
             res.drawing.setdefault(name, []).append((ex, j))
-            res.captions.setdefault(name, []).append(_caption(ex, j, labels, scales[j], rank, per_image))
+            caption = _caption(ex, j, labels, scales[j], rank, per_image)
+            if blank[j]:
+                cls = None if ex.targets is None else int(ex.targets[j])
+                report.blank.setdefault(name, []).append(f"{res.name} ({_label(labels, cls)})")
+                caption += "\nzero everywhere: nothing to draw"
+            res.captions.setdefault(name, []).append(caption)
             res.scales.setdefault(name, []).append(scales[j])
             res.classes.setdefault(name, []).append(None if ex.targets is None else int(ex.targets[j]))
         if out is not None and "npy" in save:

@@ -491,6 +491,15 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
     )
 
 
+def result_caption(result: MethodResult) -> str:
+    """``Grad-CAM @ layer``, and a note when the map is zero everywhere (drawn as nothing: say why)."""
+    caption = f"{display_name(result.method)}{f' @ {result.layer}' if result.layer else ''}"
+    if not np.any(result.map):
+        caption += (": zero everywhere, nothing to draw (the exact result: the class's score does not change "
+                    "with what the method looks at, e.g. an untrained head)")
+    return caption
+
+
 def render_result(image: Image.Image, result: MethodResult, colormap: str = "jet", alpha: float = 0.5) -> Image.Image:
     """Drawn as everywhere in lumos (``lumos.render.draw_map``): CAMs and region maps as a heat overlay,
     pixel attributions as saliency at the image's size."""

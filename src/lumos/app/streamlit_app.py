@@ -280,7 +280,7 @@ with right:
             return
         pic = logic.render_result(image, res, colormap, alpha)
         results[m], rendered[m] = res, pic
-        caption = f"{logic.display_name(m)}{f' @ {res.layer}' if res.layer else ''}"
+        caption = logic.result_caption(res)
         with slots[m].container():
             st.image(pic, caption=caption, width="stretch")
             with st.container(horizontal=True, gap="small"):

@@ -84,7 +84,8 @@ def _show(column, key: str, display: str, what: str, explain, draw) -> None:
         column.error(f"{display}: {res}")
         return
     layer = f" @ {res.layer}" if res.layer and res.kind == "layer" else ""
-    column.image(draw(res), width="stretch", caption=f"{display}{layer}: {what}")
+    blank = "" if res.map.any() else " (zero everywhere, nothing to draw: the exact result)"
+    column.image(draw(res), width="stretch", caption=f"{display}{layer}: {what}{blank}")
 
 
 def run(task: str) -> None:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lumos.dataset.sources import Item
+from lumos.engine import quiet_blank_maps
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, ExplainSpec, top_predictions
 from lumos.targets import TOPK
@@ -178,7 +179,8 @@ class BatchWorker:
         rows = []
         predictions = None
         for name, method in explainer.methods(x).items():
-            ex = method(x, target).cpu()
+            with quiet_blank_maps():  # counted from the store at the end of the run, not per batch
+                ex = method(x, target).cpu()
             if predictions is None:
                 predictions = top_predictions(ex.output, ex.probs_kind, self.labels, self.spec.top_k)
             stored = _stored_maps(ex, self.options)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from lumos.api import explain
 from lumos.errors import LumosError
 from lumos.evaluate import (
     AverageDropIncrease,
@@ -20,6 +21,7 @@ from lumos.evaluate import (
     EnergyPointingGame,
     Insertion,
     PointingGame,
+    RandomLogit,
     RelevanceMass,
     gaussian_blur,
     masks_to_boxes,
@@ -263,6 +265,21 @@ def test_metrics_leave_the_model_as_found(synth):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     assert torch.is_grad_enabled()
+
+
+def test_sanity_checks_log_no_blank_map_lines_for_their_randomised_models(synth, caplog):
+    """Randomising the whole model blanks Grad-CAM on these images (checked): an expected outcome of the check,
+    so it logs no "zero everywhere" line, while the same blank maps from a plain call do."""
+    model, x = load_tinycnn(), synth.images[:4]
+    with caplog.at_level("WARNING", logger="lumos.engine"):
+        result = CascadingRandomisation("gradcam", layer="features.block4")(model, x)
+        RandomLogit("gradcam", layer="features.block4")(model, x)
+    assert bool((result.maps[-1].flatten(1) == 0).all(1).any())  # some randomised maps are blank
+    assert not [r for r in caplog.records if "zero everywhere" in r.getMessage()]
+    model.fc.weight.data.zero_()  # a plain call with blank maps is reported
+    with caplog.at_level("WARNING", logger="lumos.engine"):
+        explain(model, x, "gradcam", layer="features.block4")
+    assert [r for r in caplog.records if "zero everywhere" in r.getMessage()]
 
 
 def test_bad_inputs_are_one_line_errors(tiny, synth):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lumos.engine import quiet_blank_maps
 from lumos.errors import LumosError
 from lumos.evaluate._common import TargetLike, check_images, check_model, probabilities, resolve_classes, scoring
 from lumos.targets import select_output
@@ -159,7 +160,8 @@ class CascadingRandomisation:
                 reinitialise(modules[name])
                 if i in keep:
                     recorded.append(name)
-                    all_maps.append(self.explain(work, x, classes).detach())
+                    with quiet_blank_maps():  # a randomised model's blank maps are an expected outcome here
+                        all_maps.append(self.explain(work, x, classes).detach())
         stacked = torch.stack(all_maps)
         rho = torch.stack([spearman(original, m) for m in stacked[1:]])
         sim = torch.stack([ssim(original, m) for m in stacked[1:]])
@@ -199,5 +201,6 @@ class RandomLogit:
         r = torch.randint(0, k - 1, (x.shape[0],), generator=g).to(classes.device)
         other = r + (r >= classes).long()
         a = self.explain(model, x, classes).detach()
-        b = self.explain(model, x, other).detach()
+        with quiet_blank_maps():  # a random class's map may well be blank: an expected outcome here
+            b = self.explain(model, x, other).detach()
         return RandomLogitResult(spearman(a, b), ssim(a, b), classes, other, a, b)

@@ -101,6 +101,28 @@ def test_captions_both_targets_side_by_side(data):
     assert single.sinks[0].images["lumos/gradcam/00"][0][1].width < image.width
 
 
+def test_a_zero_head_gives_a_marked_panel_not_a_log_line_per_step(data, caplog, monkeypatch):
+    """Before training starts, a head of zeros makes every map blank: the panel header says "zero map" (checked by
+    recording the headers drawn) and no engine line is logged at each logging step."""
+    from lumos.track import logger as logger_module
+
+    heads, original = [], logger_module.panel_header
+    monkeypatch.setattr(logger_module, "panel_header", lambda *a: heads.append(original(*a)) or heads[-1])
+    from lumos.synthetic import load_tinycnn
+
+    trained = load_tinycnn()
+    zero_head = load_tinycnn()
+    nn.init.zeros_(zero_head.fc.weight)
+    x = torch.nn.functional.interpolate(data.images[:2], size=64, mode="bilinear")  # the trained model's size
+    logger = ExplanationLogger(x, data.labels[:2], sinks=[MemorySink()], layer="features.block4")
+    with caplog.at_level("WARNING", logger="lumos.engine"):
+        logger.log(zero_head, 0)
+        logger.log(trained, 1)
+    assert not [r for r in caplog.records if "zero everywhere" in r.getMessage()]
+    assert len(heads) == 8 and all(h.endswith(" - zero map") for h in heads[:4])
+    assert not any(h.endswith("zero map") for h in heads[4:])
+
+
 class Binary(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ from torch import nn
 
 from lumos.api import explain, feature_maps
 from lumos.capture import model_guard
+from lumos.engine import blank_maps, quiet_blank_maps
 from lumos.errors import LumosError
 from lumos.render import draw_map
 from lumos.targets import probabilities
@@ -217,13 +218,15 @@ class ExplanationLogger:
                 if binary:
                     signs = (classes.to(device).float() * 2 - 1)
                     target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
-                ex = explain(net, x, method=method, target=target, layer=layer)
+                with quiet_blank_maps():  # said on the panel instead of a log line at every logging step
+                    ex = explain(net, x, method=method, target=target, layer=layer)
                 maps = ex.maps.detach().float().cpu()
+                blank = blank_maps(maps)
                 if first_maps is None:
                     first_maps, first_classes = maps, classes
                 for i in range(b):
                     c = int(classes[i])
-                    head = f"{mode}: {self._name(c, binary)} ({float(probs[i, c]):.2f})"
+                    head = panel_header(mode, self._name(c, binary), float(probs[i, c]), bool(blank[i]))
                     img = upscale(self.display[i], self.display_size)
                     panels[i].append(with_caption(draw_map(img, maps[i].numpy(), ex.kind, self.colormap, self.alpha),
                                                   head))
@@ -272,3 +275,8 @@ class _BinaryTarget:
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         return output[:, 0] * self.signs.to(output.device, output.dtype)
+
+
+def panel_header(mode: str, name: str, prob: float, blank: bool = False) -> str:
+    """``true: square (0.87)`` over a panel; `` - zero map`` when the map is zero everywhere (drawn as nothing)."""
+    return f"{mode}: {name} ({prob:.2f})" + (" - zero map" if blank else "")

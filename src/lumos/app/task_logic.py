@@ -160,11 +160,13 @@ class TaskResult:
 def _explain(tm: TaskModel, image: Image.Image, method: str, target: Any,
              settings: dict[str, Any] | None) -> TaskResult:
     from lumos.api import explain
+    from lumos.engine import quiet_blank_maps
 
     if method in UNSUPPORTED:
         raise LumosError(f"{method} cannot explain a box or a region; choose another method.")
     _, x = task_input(tm, image)
-    ex = explain(tm.model, x, method, target=target, layer=tm.layer, **dict(settings or {}))
+    with quiet_blank_maps():  # the page's caption says it
+        ex = explain(tm.model, x, method, target=target, layer=tm.layer, **dict(settings or {}))
     layer = ex.layer if isinstance(ex.layer, str) or ex.layer is None else ", ".join(ex.layer)
     return TaskResult(method, ex.maps[0].detach().float().cpu().numpy(), ex.kind, layer)
 

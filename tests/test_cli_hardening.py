@@ -34,6 +34,7 @@ MODELS = '''
 import logging
 import os
 
+import torch
 from torch import nn
 
 
@@ -64,8 +65,9 @@ def tanh():
 
 
 def chatty():
-    """Logs a two-line warning while it is built."""
+    """Logs a two-line warning while it is built (seeded: its Grad-CAM map is not blank, which would be a warning)."""
     logging.getLogger("some.user.code").warning("first line\\nsecond line")
+    torch.manual_seed(0)
     return tiny()
 '''
 

@@ -300,3 +300,13 @@ def test_tabby_on_espresso_is_drawn_on_the_espresso_scale(tmp_path, bundle, samp
 def test_colorscale_is_a_plain_record():
     bar = ColorScale("jet", 0.0, 1.0, "x")
     assert bar.ticks is None and color_scale("per-map").label.startswith("colour")
+
+
+def test_gallery_row_titles_keep_the_shortest_distinct_path_ending():
+    """Long paths would wrap over several lines above a small cell; each row keeps only the ending that tells
+    it apart from the other rows (the full path stays in the CLI's output lines)."""
+    from lumos.runner import short_names
+
+    assert short_names(["/data/photos/val/cat.png", "/data/photos/val/dog.png"]) == ["cat.png", "dog.png"]
+    assert short_names(["/a/x/cat.png", "/b/x/cat.png", "bird.png"]) == ["a/x/cat.png", "b/x/cat.png", "bird.png"]
+    assert short_names(["cat.png"]) == ["cat.png"]

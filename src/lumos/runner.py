@@ -427,6 +427,19 @@ def _ignores_class(report: RunReport, method: str) -> bool:
     return any(s.same_as is not None for r in report.results for s in r.scales.get(method, []))
 
 
+def short_names(names: Sequence[str]) -> list[str]:
+    """Each path cut to its shortest ending that no other name shares (``a/x/cat.png``, ``b/x/cat.png`` ->
+    ``a/x/cat.png``, ``b/x/cat.png``; ``/data/photos/cat.png`` alone -> ``cat.png``), for titles."""
+    parts = [Path(n).parts or (n,) for n in names]
+    out = []
+    for i, p in enumerate(parts):
+        k = 1
+        while k < len(p) and any(q[-k:] == p[-k:] for j, q in enumerate(parts) if j != i):
+            k += 1
+        out.append(str(Path(*p[-k:])) if len(p) > 1 else names[i])
+    return out
+
+
 def write_gallery(report: RunReport, path: Path, methods: Sequence[str]) -> Path:
     """One PNG (see :func:`gallery_figure`) written to ``path``; returns the path."""
     save_png(gallery_figure(report, methods), path)
@@ -455,8 +468,9 @@ def gallery_figure(report: RunReport, methods: Sequence[str]) -> Figure:
         if with_ref:  # an explicitly chosen class, then the top class on the same scale
             cells.append([r.references[m][0] for m in methods])
             cell_titles.append([r.references[m][1] for m in methods])
-    row_titles = [f"{r.name}: {r.prediction.top[0][1]} {r.prediction.top[0][2]:.2f}" if r.prediction.top else r.name
-                  for r in rows]
+    names = short_names([r.name for r in rows])
+    row_titles = [f"{n}: {r.prediction.top[0][1]} {r.prediction.top[0][2]:.2f}" if r.prediction.top else n
+                  for n, r in zip(names, rows, strict=True)]
     bars = color_scales([s for r in rows for m in methods for s in r.scales.get(m, [])], report.colormap)
     agnostic = [display_name(m) for m in methods if _ignores_class(report, m)]
     note = None

@@ -137,6 +137,57 @@ def test_nan_or_inf_input_names_the_images(net):
             lumos.explain(net, x, method=method)
 
 
+class NanClass(nn.Module):
+    """Class 1's logit is NaN; the others are finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = GapNet(classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return torch.where(torch.tensor([False, True, False]), torch.tensor(float("nan")), out)
+
+
+class SelfStandardised(nn.Module):
+    """Scales each input by its own spread: finite on images, 0/0 on a constant (all-baseline) input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = GapNet(classes=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - x.mean((1, 2, 3), keepdim=True)) / x.std((1, 2, 3), keepdim=True))
+
+
+def test_a_nan_score_is_an_error_naming_the_images_never_a_blank_map():
+    """A NaN target score used to give maps of zeros (reported as an exact zero): now every method refuses it in
+    one line naming the images and class; a finite class of the same model still explains."""
+    torch.manual_seed(0)
+    model, x = NanClass().eval(), images(2)
+    for method in lumos.methods(general=True):
+        with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) for image 0 class 1, image 1 class 1"):
+            lumos.explain(model, x, method=method, target=1)
+    assert lumos.explain(model, x, method="gradcam", target=0).maps.isfinite().all()
+
+
+def test_nan_on_perturbed_copies_or_in_gradients_is_an_error():
+    """Finite on the images, NaN on a constant input: Score-CAM's baseline and deletion's last step are
+    perturbed copies (one line naming them), integrated gradients' zero baseline gives a NaN gradient (one
+    line), while Grad-CAM, which never leaves the image, explains."""
+    from lumos.evaluate import Deletion
+
+    torch.manual_seed(0)
+    model, x = SelfStandardised().eval(), images(2)
+    with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 1 perturbed copies of image 0"):
+        lumos.explain(model, x, method="scorecam")
+    with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 2 perturbed copies of image 0, 1"):
+        Deletion(steps=4)(model, x, torch.rand(2, 32, 32))
+    with pytest.raises(GradientError, match="gradient of the explained score with respect to the input is not finite"):
+        lumos.explain(model, x, method="integrated_gradients")
+    assert lumos.explain(model, x, method="gradcam").maps.isfinite().all()
+
+
 # -- 10: probabilities ----------------------------------------------------------------------------------------
 class MultiLabel(nn.Module):
     """A multi-label head with its sigmoid inside: the outputs already are probabilities."""

@@ -103,6 +103,12 @@ def grad(score: torch.Tensor, wrt: Sequence[torch.Tensor], retain: bool, what: s
             f"Gradients are blocked: the explained score does not depend on {what} through autograd (a detach or "
             "torch.no_grad inside the model cuts the path)."
         )
+    if not all(bool(g.isfinite().all()) for g in grads):
+        raise GradientError(
+            f"The gradient of the explained score with respect to {what} is not finite (NaN or inf), though the score "
+            "is: no map can be computed from it. A model that scales each input by its own spread divides by zero "
+            "on a constant input (e.g. an integrated-gradients baseline); try another baseline."
+        )
     return list(grads)
 
 
@@ -188,6 +194,7 @@ def forward(
     for s in sites:  # a layer that cannot give a map fails here, before any backward
         s.to_map(cap.activations[s.name].detach())
     targets = resolve_targets(target, out, labels, probs, squashed)
+    check_finite_scores(targets.scores, targets.classes)
     return Forward(x, out, dict(cap.activations), sites, targets, state, probability_kind(out, probs, squashed))
 
 
@@ -231,7 +238,26 @@ def score_inputs(
                 fast = False
         out = select_output(model(inputs.contiguous()) if out is None else out, output)
         rows.append(target.confidence(out, index) if use_probs else target.scores(out, index).float())
+        bad = ~rows[-1].isfinite().all(1)
+        if bool(bad.any()):
+            images = ", ".join(str(i) for i in sorted({int(i) for i in index[bad.cpu()].tolist()})[:3])
+            raise LumosError(
+                f"The model's score is not finite (NaN or inf) on {int(bad.sum())} perturbed copies of image "
+                f"{images} (pixels masked, occluded or replaced): no map or curve can be computed from them. A model "
+                "that scales each input by its own spread divides by zero on a constant baseline; try another "
+                "baseline.")
     return torch.cat(rows)
+
+
+def check_finite_scores(scores: torch.Tensor, classes: torch.Tensor | None) -> None:
+    """A one-line error naming the images whose explained score is NaN or inf (a map of it would be noise or 0)."""
+    bad = ~scores.detach().isfinite()
+    if not bool(bad.any()):
+        return
+    where = bad.nonzero().tolist()
+    shown = ", ".join(f"image {i}" + ("" if classes is None else f" class {int(classes[i, j])}") for i, j in where[:3])
+    raise LumosError(f"The model's score for the explained target is not finite (NaN or inf) for {shown}"
+                     f"{', ...' if len(where) > 3 else ''}: no map can be computed; check the model and its input.")
 
 
 class MethodLike(Protocol):

@@ -313,6 +313,47 @@ def test_blank_maps_are_said_once_per_method_naming_the_files(capsys, tmp_path, 
     assert report.results[0].captions["gradcam"][0].endswith("zero everywhere: nothing to draw")
 
 
+NAN_ON_BRIGHT = """
+import torch
+from torch import nn
+
+
+class NanOnBright(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        out = self.fc(self.features(x).mean((2, 3)))
+        return torch.where((x.mean((1, 2, 3)) > 0.6)[:, None], torch.tensor(float("nan")), out)
+
+
+def build():
+    return NanOnBright()
+"""
+
+
+def test_a_nan_score_fails_that_image_only(capsys, tmp_path, monkeypatch):
+    """One image of a batch gives a NaN score: it is one `error:` line naming it (exit 1), the other images of
+    the same batch are explained and written."""
+    (tmp_path / "nan_on_bright.py").write_text(NAN_ON_BRIGHT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    Image.new("RGB", (W, H), (240, 240, 240)).save(tmp_path / "bright.png")
+    _rgb(1).save(tmp_path / "a.png")
+    _rgb(2).save(tmp_path / "b.png")
+    code, out, err = _run(capsys, "explain", tmp_path / "a.png", tmp_path / "bright.png", tmp_path / "b.png",
+                          "--model", "nan_on_bright:build", "--size", "32", "--mean", "0", "--std", "1",
+                          "--batch-size", "3", "--out", tmp_path / "o")
+    assert code == 1
+    assert _error_lines(err) == [f"error: {tmp_path / 'bright.png'}: The model's score for the explained target is "
+                                 "not finite (NaN or inf) for image 0 class 0: no map can be computed; check the "
+                                 "model and its input."], err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_gradcam.png", "b_gradcam.png"]
+    sys.modules.pop("nan_on_bright", None)
+
+
 def test_module_callable_model_with_weights_and_size(capsys, tmp_path, tiny_module, one_image):
     import importlib
 

@@ -261,6 +261,56 @@ def test_list_files_and_globs(data, tmp_path) -> None:
     assert [why for _, why in problems] == ["no such file or directory", "the pattern matches no file"]
 
 
+NAN_MODEL = """
+import torch
+from lumos.synthetic import load_tinycnn
+
+
+class NanOnBright(torch.nn.Module):
+    \"\"\"The shipped TinyCNN, but NaN logits for images brighter than a threshold.\"\"\"
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.net, self.threshold = load_tinycnn(), threshold
+
+    def forward(self, x):
+        out = self.net(x)
+        return torch.where((x.mean((1, 2, 3)) > self.threshold)[:, None], torch.tensor(float("nan")), out)
+
+
+def build():
+    return NanOnBright(THRESHOLD)
+"""
+
+
+def test_a_nan_score_on_some_images_becomes_their_error_rows(data, tmp_path, monkeypatch) -> None:
+    """A model that gives NaN on the brightest of 6 images: the run goes on, that image is one error row naming
+    it (its target kind kept), and the other 5 equal a run of the plain model."""
+    from PIL import Image
+
+    files = sorted((data / "disc").glob("0*.png"))[:6]
+    means = [float(torch.from_numpy(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 255).mean())
+             for f in files]
+    bright = int(np.argmax(means))
+    threshold = (sorted(means)[-1] + sorted(means)[-2]) / 2
+    (tmp_path / "nan_on_bright.py").write_text(NAN_MODEL.replace("THRESHOLD", repr(threshold)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    items = [Item(i, str(f)) for i, f in enumerate(files)]
+    run = explain_dataset(items, tiny_spec(data, model="nan_on_bright:build"), tmp_path / "s", workers=0,
+                          batch_size=4)
+    plain = explain_dataset(items, tiny_spec(data), tmp_path / "plain", workers=0, batch_size=4)
+    assert run.explained == plain.explained == 6
+    got = read_store(tmp_path / "s").to_pandas().sort_values("index")
+    ref = read_store(tmp_path / "plain").to_pandas().sort_values("index")
+    failed = got[got.error.notna()]
+    assert failed["index"].tolist() == [bright] and failed.target_kind.tolist() == ["predicted"]
+    assert failed.error.iloc[0].startswith(f"{files[bright]}: The model's score for the explained target is not finite")
+    ok = got[got.error.isna()].reset_index(drop=True)
+    same = ref[ref["index"] != bright].reset_index(drop=True)
+    assert ok["index"].tolist() == same["index"].tolist()
+    assert ok.pred.tolist() == same.pred.tolist() and np.allclose(ok.mass_centre, same.mass_centre, atol=1e-5)
+
+
 def test_cli_counts_blank_maps_once_at_the_end(data, tmp_path, capsys) -> None:
     """A zeroed head makes every Grad-CAM map zero everywhere: one warning line with the count read from the
     store (not one engine line per batch)."""
@@ -292,11 +342,11 @@ def test_cli_summary_counts_an_unreadable_image_apart(shortcut_data, tmp_path, c
     code, out, err = _cli(capsys, "explain-dataset", folder, "--store", tmp_path / "s", "-m", SHORTCUT,
                           "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
     assert code == 1, err  # the run finished, but an input failed: as `lumos explain`
-    assert "2 image(s)" in out and "2 processed now, 0 already done; 1 could not be read" in out, out
+    assert "2 image(s)" in out and "2 processed now, 0 already done; 1 failed (rows with their error" in out, out
     (folder / "bad.png").unlink()
     code, out, err = _cli(capsys, "explain-dataset", folder, "--store", tmp_path / "s2", "-m", SHORTCUT,
                           "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
-    assert code == 0 and "could not be read" not in out, (code, out, err)
+    assert code == 0 and "failed" not in out, (code, out, err)
     code, out, err = _cli(capsys, "explain-dataset", folder, tmp_path / "missing", "--store", tmp_path / "s3", "-m",
                           SHORTCUT, "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
     assert code == 1 and "missing: no such file or directory" in err and "1 processed now" in out, (code, out, err)

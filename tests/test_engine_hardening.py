@@ -14,6 +14,7 @@ from torch import nn
 
 import lumos
 from lumos.engine import GradientError
+from lumos.errors import NonFiniteError
 from nets import GapNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +184,7 @@ def test_nan_on_perturbed_copies_or_in_gradients_is_an_error():
         lumos.explain(model, x, method="scorecam")
     with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 2 perturbed copies of image 0, 1"):
         Deletion(steps=4)(model, x, torch.rand(2, 32, 32))
-    with pytest.raises(GradientError, match="gradient of the explained score with respect to the input is not finite"):
+    with pytest.raises(NonFiniteError, match="gradient of the explained score with respect to the input is not finite"):
         lumos.explain(model, x, method="integrated_gradients")
     assert lumos.explain(model, x, method="gradcam").maps.isfinite().all()
 

@@ -133,9 +133,9 @@ def explain_dataset(
     for path, why in result.problems:
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
     errors, blank = _error_and_blank_rows(result.store)
+    failed = f"; {errors} failed (rows with their error: unreadable, or a NaN score)" if errors else ""
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
-                      f"{result.skipped} already done" + (f"; {errors} could not be read (rows with their error)"
-                                                          if errors else ""), highlight=False)
+                      f"{result.skipped} already done{failed}", highlight=False)
     if blank:
         err_console.print(f"warning: {blank} map(s) are zero everywhere (map_lo = map_hi = 0): nothing to draw. This "
                           "is the exact result: the class's score does not change with what the method looks at (e.g. "
@@ -148,7 +148,7 @@ def explain_dataset(
 
 
 def _error_and_blank_rows(store: Path) -> tuple[int, int]:
-    """Rows of images that could not be read, and rows whose map is zero everywhere."""
+    """Error rows (unreadable images, NaN scores), and rows whose map is zero everywhere."""
     import pyarrow.compute as pc
 
     from lumos.dataset import read_store

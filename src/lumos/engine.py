@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lumos.capture import Capture, model_guard
-from lumos.errors import LumosError
+from lumos.errors import LumosError, NonFiniteError
 from lumos.explanation import Explanation, Kind
 from lumos.layers import Site
 from lumos.rules import Rule, RuleState, backward_rules, squash_watch
@@ -104,7 +104,7 @@ def grad(score: torch.Tensor, wrt: Sequence[torch.Tensor], retain: bool, what: s
             "torch.no_grad inside the model cuts the path)."
         )
     if not all(bool(g.isfinite().all()) for g in grads):
-        raise GradientError(
+        raise NonFiniteError(
             f"The gradient of the explained score with respect to {what} is not finite (NaN or inf), though the score "
             "is: no map can be computed from it. A model that scales each input by its own spread divides by zero "
             "on a constant input (e.g. an integrated-gradients baseline); try another baseline."
@@ -241,7 +241,7 @@ def score_inputs(
         bad = ~rows[-1].isfinite().all(1)
         if bool(bad.any()):
             images = ", ".join(str(i) for i in sorted({int(i) for i in index[bad.cpu()].tolist()})[:3])
-            raise LumosError(
+            raise NonFiniteError(
                 f"The model's score is not finite (NaN or inf) on {int(bad.sum())} perturbed copies of image "
                 f"{images} (pixels masked, occluded or replaced): no map or curve can be computed from them. A model "
                 "that scales each input by its own spread divides by zero on a constant baseline; try another "
@@ -256,7 +256,7 @@ def check_finite_scores(scores: torch.Tensor, classes: torch.Tensor | None) -> N
         return
     where = bad.nonzero().tolist()
     shown = ", ".join(f"image {i}" + ("" if classes is None else f" class {int(classes[i, j])}") for i, j in where[:3])
-    raise LumosError(f"The model's score for the explained target is not finite (NaN or inf) for {shown}"
+    raise NonFiniteError(f"The model's score for the explained target is not finite (NaN or inf) for {shown}"
                      f"{', ...' if len(where) > 3 else ''}: no map can be computed; check the model and its input.")
 
 

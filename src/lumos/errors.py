@@ -10,7 +10,8 @@ import difflib
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["LumosError", "ImageError", "ModelLoadError", "check_model", "close_matches", "positive_int"]
+__all__ = ["LumosError", "ImageError", "ModelLoadError", "NonFiniteError", "check_model", "close_matches",
+           "positive_int"]
 
 
 class LumosError(ValueError):
@@ -27,6 +28,11 @@ class ImageError(LumosError):
 
 class ModelLoadError(LumosError):
     """A model could not be found or loaded (unknown zoo name, bad file, weights mismatch)."""
+
+
+class NonFiniteError(LumosError):
+    """The model gave a NaN or inf score or gradient on some images: a problem of those images (batch surfaces
+    explain the others and report these), unlike a bad setting, which fails the whole run."""
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> str:

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from lumos.engine import blank_maps
-from lumos.errors import LumosError
+from lumos.errors import LumosError, NonFiniteError
 from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
 from lumos.methods import display_name
@@ -268,9 +268,23 @@ def explain_images(
     report = RunReport(scale=scale, colormap=colormap)
     batch: list[tuple[str, Image.Image]] = []
 
+    def run(part: list[tuple[str, Image.Image]]) -> None:
+        """A batch; when the model gives a NaN or inf on some image, each image alone, and a failure for each
+        image that still fails (the others are written)."""
+        try:
+            _run_batch(part, explainer, out, save, colormap, alpha, report, on_image, on_method, captions)
+        except NonFiniteError as err:
+            if len(part) > 1:
+                for one in part:
+                    run([one])
+                return
+            report.failures.append((part[0][0], f"{part[0][0]}: {err}"))
+            if on_image:
+                on_image(part[0][0], None, str(err))
+
     def flush() -> None:
         if batch:
-            _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, on_method, captions)
+            run(list(batch))
             batch.clear()
 
     try:

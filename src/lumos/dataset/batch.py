@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lumos.dataset.sources import Item
 from lumos.engine import quiet_blank_maps
-from lumos.errors import LumosError
+from lumos.errors import LumosError, NonFiniteError
 from lumos.explainer import Explainer, ExplainSpec, top_predictions
 from lumos.targets import TOPK
 
@@ -165,10 +165,25 @@ class BatchWorker:
             x = batch.x if len(keep) == len(batch.x) else batch.x[keep]
             sizes: list[tuple[int, int]] = [batch.info[i] for i in good]  # type: ignore[misc]
             for kind in self.options.kinds:
-                rows += self._explain(kind, [items[i] for i in good], [label_idx[i] for i in good], x, sizes)
+                rows += self._explain_or_split(kind, [items[i] for i in good], [label_idx[i] for i in good], x,
+                                               sizes)
         order = {k: n for n, k in enumerate(self.options.kinds)}
         methods = {m: n for n, m in enumerate(self.spec.method_names)}
         rows.sort(key=lambda r: (r["index"], order.get(r.get("target_kind"), -1), methods.get(r.get("method"), -1)))
+        return rows
+
+    def _explain_or_split(self, kind: str, items: list[Item], labels: list[int | None], x: torch.Tensor,
+                          sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """:meth:`_explain`; when the model gives a NaN or inf on some image, each image alone, and an error row
+        (with its target kind) for each image that still fails, so the run goes on."""
+        try:
+            return self._explain(kind, items, labels, x, sizes)
+        except NonFiniteError as err:
+            if len(items) == 1:
+                return [_base_row(items[0], labels[0]) | {"target_kind": kind, "error": f"{items[0].path}: {err}"}]
+        rows: list[dict[str, Any]] = []
+        for j in range(len(items)):
+            rows += self._explain_or_split(kind, items[j:j + 1], labels[j:j + 1], x[j:j + 1], sizes[j:j + 1])
         return rows
 
     def _explain(self, kind: str, items: list[Item], labels: list[int | None], x: torch.Tensor,

@@ -123,6 +123,25 @@ def test_a_zero_head_gives_a_marked_panel_not_a_log_line_per_step(data, caplog, 
     assert not any(h.endswith("zero map") for h in heads[4:])
 
 
+def test_a_method_that_cannot_explain_yet_is_skipped_with_one_warning_not_an_exception(caplog):
+    """torchvision's ViT starts with a zero head: layer="auto" cannot be resolved (no gradient reaches a block),
+    which used to raise out of log() and stop the training. Now the step logs the other methods, warns once per
+    reason (debug level after that), and once the head has weights Grad-CAM is logged again."""
+    vit = pytest.importorskip("torchvision.models.vision_transformer")
+    torch.manual_seed(0)
+    model = vit.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                  mlp_dim=64, num_classes=4)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    logger = ExplanationLogger(x, [0, 1], methods=["gradcam", "gradients"], sinks=[MemorySink()])
+    with caplog.at_level("DEBUG", logger="lumos.track.logger"):
+        assert logger.log(model, 0) == ["lumos/gradients/00", "lumos/gradients/01"]
+        logger.log(model, 1)
+    skipped = [r for r in caplog.records if "gradcam not logged at this step" in r.getMessage()]
+    assert [r.levelname for r in skipped] == ["WARNING", "DEBUG"] and "untrained head" in skipped[0].getMessage()
+    nn.init.normal_(model.heads.head.weight)
+    assert logger.log(model, 2)[:2] == ["lumos/gradcam/00", "lumos/gradcam/01"]
+
+
 class Binary(nn.Module):
     def __init__(self) -> None:
         super().__init__()

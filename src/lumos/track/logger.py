@@ -120,6 +120,7 @@ class ExplanationLogger:
             raise LumosError("The 'pointing' metric needs masks= (the objects' pixels, B x H x W).")
         self.metrics = list(metrics)
         self.prefix = prefix
+        self._reported: set[tuple[str, str]] = set()  # (method, reason) of steps skipped, warned once
         self.display_size = display_size
         self.colormap = colormap
         self.alpha = alpha
@@ -158,7 +159,9 @@ class ExplanationLogger:
     def log(self, model: Any, step: int) -> list[str]:
         """Explain the probe images with ``model`` now and send the pictures to every sink at ``step``.
 
-        Returns the image tags written. The model, its gradients and the RNG streams are left as found.
+        Returns the image tags written. The model, its gradients and the RNG streams are left as found. A method
+        that cannot explain the model at this step (e.g. ``layer="auto"`` on a torchvision ViT whose head is still
+        all zeros) is left out of this step with one warning per reason; it never stops the training.
         """
         net, layer, flayer = self._adapt(model)
         with preserve_rng(), preserve_grads(net):
@@ -204,37 +207,59 @@ class ExplanationLogger:
                 cap += f", p(label)={float(probs[i, lab]):.2f}"
             captions.append(cap)
         for method in self.methods:
-            if method == FEATURES:
-                fm = feature_maps(net, x, layer=flayer, n=self.n_features)
-                for i in range(b):
-                    grid = channel_tiles(fm.activations[i], fm.top_channels[i])
-                    items.append((f"{self.prefix}/{FEATURES}/{i:02d}", with_caption(grid, captions[i]), captions[i]))
-                continue
-            panels: list[list[Image.Image]] = [[] for _ in range(b)]
-            first_maps = first_classes = None
-            for mode in modes:
-                classes = self.labels if mode == "true" else preds
-                target: Any = classes.tolist()
-                if binary:
-                    signs = (classes.to(device).float() * 2 - 1)
-                    target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
-                with quiet_blank_maps():  # said on the panel instead of a log line at every logging step
-                    ex = explain(net, x, method=method, target=target, layer=layer)
-                maps = ex.maps.detach().float().cpu()
-                blank = blank_maps(maps)
-                if first_maps is None:
-                    first_maps, first_classes = maps, classes
-                for i in range(b):
-                    c = int(classes[i])
-                    head = panel_header(mode, self._name(c, binary), float(probs[i, c]), bool(blank[i]))
-                    img = upscale(self.display[i], self.display_size)
-                    panels[i].append(with_caption(draw_map(img, maps[i].numpy(), ex.kind, self.colormap, self.alpha),
-                                                  head))
-            for i in range(b):
-                items.append((f"{self.prefix}/{method}/{i:02d}", with_caption(hstack(panels[i]), captions[i]),
-                              captions[i]))
-            scalars.update(self._metrics(net, x, method, first_maps, first_classes, binary))
+            try:
+                self._collect_method(method, net, x, layer, flayer, captions, modes, preds, probs, binary, items,
+                                     scalars)
+            except LumosError as err:  # e.g. an untrained ViT's zero head: say it, never stop the training
+                self._skipped(method, err)
         return items, scalars
+
+    def _skipped(self, method: str, err: LumosError) -> None:
+        """One warning per method and reason (later steps with the same reason log at debug level)."""
+        key = (method, str(err))
+        level = logging.DEBUG if key in self._reported else logging.WARNING
+        self._reported.add(key)
+        log.log(level, "lumos.track: %s not logged at this step: %s", method, err)
+
+    def _collect_method(self, method: str, net: nn.Module, x: torch.Tensor, layer: Any, flayer: Any,
+                        captions: list[str], modes: list[str], preds: torch.Tensor, probs: torch.Tensor, binary: bool,
+                        items: list[tuple[str, Image.Image, str]], scalars: dict[str, float]) -> None:
+        """Add one method's pictures (and its scalars) for the probe images to ``items`` (``scalars``)."""
+        b, device = x.shape[0], x.device
+        found: list[tuple[str, Image.Image, str]] = []
+        if method == FEATURES:
+            fm = feature_maps(net, x, layer=flayer, n=self.n_features)
+            for i in range(b):
+                grid = channel_tiles(fm.activations[i], fm.top_channels[i])
+                found.append((f"{self.prefix}/{FEATURES}/{i:02d}", with_caption(grid, captions[i]), captions[i]))
+            items += found
+            return
+        panels: list[list[Image.Image]] = [[] for _ in range(b)]
+        first_maps = first_classes = None
+        for mode in modes:
+            classes = self.labels if mode == "true" else preds
+            target: Any = classes.tolist()
+            if binary:
+                signs = (classes.to(device).float() * 2 - 1)
+                target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
+            with quiet_blank_maps():  # said on the panel instead of a log line at every logging step
+                ex = explain(net, x, method=method, target=target, layer=layer)
+            maps = ex.maps.detach().float().cpu()
+            blank = blank_maps(maps)
+            if first_maps is None:
+                first_maps, first_classes = maps, classes
+            for i in range(b):
+                c = int(classes[i])
+                head = panel_header(mode, self._name(c, binary), float(probs[i, c]), bool(blank[i]))
+                img = upscale(self.display[i], self.display_size)
+                panels[i].append(with_caption(draw_map(img, maps[i].numpy(), ex.kind, self.colormap, self.alpha),
+                                              head))
+        for i in range(b):
+            found.append((f"{self.prefix}/{method}/{i:02d}", with_caption(hstack(panels[i]), captions[i]),
+                          captions[i]))
+        metrics = self._metrics(net, x, method, first_maps, first_classes, binary)
+        items += found  # only once the method is complete: a failure adds nothing
+        scalars.update(metrics)
 
     def _metrics(self, net: nn.Module, x: torch.Tensor, method: str, maps: torch.Tensor | None,
                  classes: torch.Tensor | None, binary: bool) -> dict[str, float]:

@@ -182,7 +182,7 @@ def test_nan_on_perturbed_copies_or_in_gradients_is_an_error():
     model, x = SelfStandardised().eval(), images(2)
     with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 1 perturbed copies of image 0"):
         lumos.explain(model, x, method="scorecam")
-    with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 2 perturbed copies of image 0, 1"):
+    with pytest.raises(lumos.LumosError, match=r"not finite \(NaN or inf\) on 2 perturbed copies of images 0, 1"):
         Deletion(steps=4)(model, x, torch.rand(2, 32, 32))
     with pytest.raises(NonFiniteError, match="gradient of the explained score with respect to the input is not finite"):
         lumos.explain(model, x, method="integrated_gradients")

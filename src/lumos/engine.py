@@ -240,10 +240,11 @@ def score_inputs(
         rows.append(target.confidence(out, index) if use_probs else target.scores(out, index).float())
         bad = ~rows[-1].isfinite().all(1)
         if bool(bad.any()):
-            images = ", ".join(str(i) for i in sorted({int(i) for i in index[bad.cpu()].tolist()})[:3])
+            which = sorted({int(i) for i in index[bad.cpu()].tolist()})
+            images = f"image{'s' if len(which) > 1 else ''} {', '.join(map(str, which[:3]))}"
             raise NonFiniteError(
-                f"The model's score is not finite (NaN or inf) on {int(bad.sum())} perturbed copies of image "
-                f"{images} (pixels masked, occluded or replaced): no map or curve can be computed from them. A model "
+                f"The model's score is not finite (NaN or inf) on {int(bad.sum())} perturbed copies of {images} "
+                "(pixels masked, occluded or replaced): no map or curve can be computed from them. A model "
                 "that scales each input by its own spread divides by zero on a constant baseline; try another "
                 "baseline.")
     return torch.cat(rows)

@@ -46,6 +46,7 @@ from lumos.cli_options import (
     TidyGroup,
     WeightsOpt,
 )
+from lumos.engine import BLANK_REASON
 from lumos.errors import LumosError
 
 app = typer.Typer(
@@ -203,9 +204,7 @@ def explain(
     for name, maps in report.blank.items():
         shown = ", ".join(maps[:4]) + (f" and {len(maps) - 4} more" if len(maps) > 4 else "")
         err_console.print(f"warning: {name}: {len(maps)} map(s) are zero everywhere, so nothing is drawn: {shown}. "
-                          "This is the exact result: the class's score does not change with what the method looks at "
-                          "(e.g. a head still initialised to zero), or a CAM has no positive evidence.",
-                          highlight=False, markup=False)
+                          f"{BLANK_REASON}", highlight=False, markup=False)
     if report.results:
         out_console.print(format_times(times), highlight=False)
     out_console.print(

@@ -137,10 +137,10 @@ def explain_dataset(
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
                       f"{result.skipped} already done{failed}", highlight=False)
     if blank:
-        err_console.print(f"warning: {blank} map(s) are zero everywhere (map_lo = map_hi = 0): nothing to draw. This "
-                          "is the exact result: the class's score does not change with what the method looks at (e.g. "
-                          "a head still initialised to zero), or a CAM has no positive evidence.",
-                          highlight=False, markup=False)
+        from lumos.engine import BLANK_REASON
+
+        err_console.print(f"warning: {blank} map(s) are zero everywhere (map_lo = map_hi = 0): nothing to draw. "
+                          f"{BLANK_REASON}", highlight=False, markup=False)
     if report:
         _write_report(result.store, result.store / "report", None, None, 8)
     if errors or result.problems:  # finished, but some inputs failed: exit 1, as `lumos explain`

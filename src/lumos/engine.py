@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # Whether a call logs its blank maps: not while a method computes (calls it makes to other methods, e.g.
 # SmoothGrad's base, are parts, not results), nor under quiet_blank_maps (batch surfaces say it per file)
 _REPORT_BLANK = contextvars.ContextVar("lumos_report_blank_maps", default=True)
+#: Why a map can be zero everywhere (the surfaces that report blank maps end with it)
+BLANK_REASON = ("This is the exact result: the target's score does not change with what the method looks at (e.g. a "
+                "head still initialised to zero), or a CAM has no positive evidence after ReLU.")
 
 # Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
 # selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
@@ -322,10 +325,9 @@ def report_blank_maps(method: str, maps: torch.Tensor, layers: list[str], classe
     cls = None if classes is None else classes.reshape(-1).cpu()
     shown = ", ".join(f"image {i // k}" + ("" if cls is None else f" class {int(cls[i])}") for i in which[:3])
     where = f"at {', '.join(layers)} " if layers else ""
-    log.warning("%s: %d of %d maps are zero everywhere %s(%s%s), so nothing is drawn for them. This is the exact "
-                "result: the target's score does not change with what the method looks at (e.g. a head still "
-                "initialised to zero)%s.", method, len(which), blank.numel(), where, shown,
-                ", ..." if len(which) > 3 else "", ", or no evidence is positive after ReLU" if relu else "")
+    reason = BLANK_REASON if relu else BLANK_REASON.split("), or a CAM")[0] + ")."
+    log.warning("%s: %d of %d maps are zero everywhere %s(%s%s), so nothing is drawn for them. %s", method,
+                len(which), blank.numel(), where, shown, ", ..." if len(which) > 3 else "", reason)
 
 
 def build(method: MethodLike, x: torch.Tensor, raws: list[torch.Tensor], fw: Forward,

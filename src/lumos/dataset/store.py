@@ -10,7 +10,8 @@ STORE/.lumos-lock            held (an OS file lock) by the run writing the store
 A chunk is written to a hidden temporary file and renamed into place, so after a crash (even SIGKILL) every
 ``part-*.parquet`` is complete and a re-run skips exactly those. A store made with another spec, run options
 or list of images refuses to take more rows unless it is started over (``restart=True``, ``--restart``).
-One run writes a store at a time (:func:`store_lock`); the OS drops the lock when its process ends, however.
+One run writes a store at a time (:func:`store_lock`); the OS drops the lock when the run's process ends,
+however it ends.
 Open it with ``pyarrow.parquet.read_table(STORE / "chunks")`` or ``pandas.read_parquet``; :func:`decode_map`
 turns a row's map back into floats.
 """

@@ -348,7 +348,7 @@ def test_a_nan_score_fails_that_image_only(capsys, tmp_path, monkeypatch):
                           "--batch-size", "3", "--out", tmp_path / "o")
     assert code == 1
     assert _error_lines(err) == [f"error: {tmp_path / 'bright.png'}: The model's score for the explained target is "
-                                 "not finite (NaN or inf) for image 0 class 0: no map can be computed; check the "
+                                 "not finite (NaN or inf) for class 0: no map can be computed; check the "
                                  "model and its input."], err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a_gradcam.png", "b_gradcam.png"]
     sys.modules.pop("nan_on_bright", None)

@@ -259,7 +259,14 @@ def check_finite_scores(scores: torch.Tensor, classes: torch.Tensor | None) -> N
     if not bool(bad.any()):
         return
     where = bad.nonzero().tolist()
-    shown = ", ".join(f"image {i}" + ("" if classes is None else f" class {int(classes[i, j])}") for i, j in where[:3])
+
+    def name(i: int, j: int) -> str:  # a single image needs no index (batch surfaces retry image by image)
+        cls = "" if classes is None else f"class {int(classes[i, j])}"
+        if scores.shape[0] == 1:
+            return cls or "the image"
+        return f"image {i} {cls}".strip()
+
+    shown = ", ".join(name(i, j) for i, j in where[:3])
     raise NonFiniteError(f"The model's score for the explained target is not finite (NaN or inf) for {shown}"
                      f"{', ...' if len(where) > 3 else ''}: no map can be computed; check the model and its input.")
 

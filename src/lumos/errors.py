@@ -7,11 +7,14 @@ possible, says what would work. Front ends (CLI, web app) show the message witho
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["LumosError", "ImageError", "ModelLoadError", "NonFiniteError", "check_model", "close_matches",
-           "positive_int"]
+           "each_alone_on_nonfinite", "positive_int"]
+
+T = TypeVar("T")
 
 
 class LumosError(ValueError):
@@ -33,6 +36,18 @@ class ModelLoadError(LumosError):
 class NonFiniteError(LumosError):
     """The model gave a NaN or inf score or gradient on some images: a problem of those images (batch surfaces
     explain the others and report these), unlike a bad setting, which fails the whole run."""
+
+
+def each_alone_on_nonfinite(run: Callable[[list[int]], list[T]], indices: list[int],
+                            fail: Callable[[int, NonFiniteError], list[T]]) -> list[T]:
+    """``run(indices)`` (a batch); when the model gives a NaN or inf on some image, ``run([i])`` for each image
+    alone and ``fail(i, error)`` for each one that still fails, so the batch's other images are kept."""
+    try:
+        return run(indices)
+    except NonFiniteError as err:
+        if len(indices) == 1:
+            return fail(indices[0], err)
+    return [r for i in indices for r in each_alone_on_nonfinite(run, [i], fail)]
 
 
 def close_matches(word: str, choices: Iterable[str], n: int = 3, cutoff: float = 0.6) -> str:

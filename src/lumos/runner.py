@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from lumos.engine import blank_maps
-from lumos.errors import LumosError, NonFiniteError
+from lumos.errors import LumosError, NonFiniteError, each_alone_on_nonfinite
 from lumos.explainer import Explainer, Prediction
 from lumos.explanation import Explanation
 from lumos.methods import display_name
@@ -268,23 +268,20 @@ def explain_images(
     report = RunReport(scale=scale, colormap=colormap)
     batch: list[tuple[str, Image.Image]] = []
 
-    def run(part: list[tuple[str, Image.Image]]) -> None:
-        """A batch; when the model gives a NaN or inf on some image, each image alone, and a failure for each
-        image that still fails (the others are written)."""
-        try:
-            _run_batch(part, explainer, out, save, colormap, alpha, report, on_image, on_method, captions)
-        except NonFiniteError as err:
-            if len(part) > 1:
-                for one in part:
-                    run([one])
-                return
-            report.failures.append((part[0][0], f"{part[0][0]}: {err}"))
-            if on_image:
-                on_image(part[0][0], None, str(err))
+    def run(indices: list[int]) -> list[None]:
+        _run_batch([batch[i] for i in indices], explainer, out, save, colormap, alpha, report, on_image, on_method,
+                   captions)
+        return []
+
+    def fail(i: int, err: NonFiniteError) -> list[None]:  # that image only: the batch's others are written
+        report.failures.append((batch[i][0], f"{batch[i][0]}: {err}"))
+        if on_image:
+            on_image(batch[i][0], None, str(err))
+        return []
 
     def flush() -> None:
         if batch:
-            run(list(batch))
+            each_alone_on_nonfinite(run, list(range(len(batch))), fail)
             batch.clear()
 
     try:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lumos.dataset.sources import Item
 from lumos.engine import quiet_blank_maps
-from lumos.errors import LumosError, NonFiniteError
+from lumos.errors import LumosError, NonFiniteError, each_alone_on_nonfinite
 from lumos.explainer import Explainer, ExplainSpec, top_predictions
 from lumos.targets import TOPK
 
@@ -174,17 +174,16 @@ class BatchWorker:
 
     def _explain_or_split(self, kind: str, items: list[Item], labels: list[int | None], x: torch.Tensor,
                           sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
-        """:meth:`_explain`; when the model gives a NaN or inf on some image, each image alone, and an error row
-        (with its target kind) for each image that still fails, so the run goes on."""
-        try:
-            return self._explain(kind, items, labels, x, sizes)
-        except NonFiniteError as err:
-            if len(items) == 1:
-                return [_base_row(items[0], labels[0]) | {"target_kind": kind, "error": f"{items[0].path}: {err}"}]
-        rows: list[dict[str, Any]] = []
-        for j in range(len(items)):
-            rows += self._explain_or_split(kind, items[j:j + 1], labels[j:j + 1], x[j:j + 1], sizes[j:j + 1])
-        return rows
+        """:meth:`_explain`; an image on which the model gives a NaN or inf becomes an error row (with its target
+        kind) and the batch's other images are explained, so the run goes on."""
+        def run(idx: list[int]) -> list[dict[str, Any]]:
+            return self._explain(kind, [items[j] for j in idx], [labels[j] for j in idx],
+                                 x if len(idx) == len(items) else x[idx], [sizes[j] for j in idx])
+
+        def fail(j: int, err: NonFiniteError) -> list[dict[str, Any]]:
+            return [_base_row(items[j], labels[j]) | {"target_kind": kind, "error": f"{items[j].path}: {err}"}]
+
+        return each_alone_on_nonfinite(run, list(range(len(items))), fail)
 
     def _explain(self, kind: str, items: list[Item], labels: list[int | None], x: torch.Tensor,
                  sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 # Whether a call logs its blank maps: not while a method computes (calls it makes to other methods, e.g.
 # SmoothGrad's base, are parts, not results), nor under quiet_blank_maps (batch surfaces say it per file)
 _REPORT_BLANK = contextvars.ContextVar("lumos_report_blank_maps", default=True)
-#: Why a map can be zero everywhere (the surfaces that report blank maps end with it)
-BLANK_REASON = ("This is the exact result: the target's score does not change with what the method looks at (e.g. a "
-                "head still initialised to zero), or a CAM has no positive evidence after ReLU.")
+#: Why a map can be zero everywhere (the surfaces that report blank maps end with BLANK_REASON)
+_BLANK_CAUSE = ("This is the exact result: the target's score does not change with what the method looks at (e.g. a "
+                "head still initialised to zero)")
+BLANK_REASON = f"{_BLANK_CAUSE}, or a CAM has no positive evidence after ReLU."
 
 # Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
 # selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
@@ -332,7 +333,7 @@ def report_blank_maps(method: str, maps: torch.Tensor, layers: list[str], classe
     cls = None if classes is None else classes.reshape(-1).cpu()
     shown = ", ".join(f"image {i // k}" + ("" if cls is None else f" class {int(cls[i])}") for i in which[:3])
     where = f"at {', '.join(layers)} " if layers else ""
-    reason = BLANK_REASON if relu else BLANK_REASON.split("), or a CAM")[0] + ")."
+    reason = BLANK_REASON if relu else f"{_BLANK_CAUSE}."
     log.warning("%s: %d of %d maps are zero everywhere %s(%s%s), so nothing is drawn for them. %s", method,
                 len(which), blank.numel(), where, shown, ", ..." if len(which) > 3 else "", reason)
 

@@ -93,10 +93,7 @@ def main() -> None:
     rows, inputs, fulls = [], {}, {}
     for name, photo in photos.items():
         x = preprocess([photo])
-
-        def plain(x=x) -> None:
-            with torch.no_grad():
-                model(x)
+        plain = plain_forward(model, x)
 
         def once(fn, plain=plain):
             """(time / plain forward, time, result) of one call; plain forwards timed right before and after."""
@@ -135,10 +132,7 @@ def main() -> None:
     if args.sweep:
         x = preprocess([next(iter(photos.values()))])
         print("\nall-channel Score-CAM on the first photo per batch_size (one call each):")
-        def plain_first() -> None:
-            with torch.no_grad():
-                model(x)
-
+        plain_first = plain_forward(model, x)
         for bs in (1, 2, 4, 8, 16, 32):
             before = median_time(plain_first, 3)
             t, _ = timed_result(lambda bs=bs: lumos.ScoreCAM(model, max_channels=None, batch_size=bs)(x))
@@ -146,15 +140,21 @@ def main() -> None:
             print(f"  batch_size {bs:>3}: {t:6.2f} s = {r:5.0f}x a plain forward")
 
 
+def plain_forward(model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN201
+    """The reference every ratio divides by: a no-grad forward of ``x``."""
+    def plain() -> None:
+        with torch.no_grad():
+            model(x)
+
+    return plain
+
+
 def masked_input_cost(model: torch.nn.Module, x: torch.Tensor, batch_size: int, n: int = 64) -> None:
     """Print one masked input's time (batches of ``batch_size``) / a plain forward of ``x``."""
     acts = torch.rand(n, 7, 7, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = resolve_targets(None, model(x)).target  # the predicted class
-
-    def plain() -> None:
-        with torch.no_grad():
-            model(x)
+    plain = plain_forward(model, x)
 
     def masked() -> None:
         MaskScorer(model, x, target, 0.0, batch_size, None)(acts)
@@ -173,11 +173,7 @@ def tolerance_tradeoff(model: torch.nn.Module, inputs: dict, fulls: dict, tolera
         method = lumos.ScoreCAM(model, tolerance=tol)
         per = []
         for name, x in inputs.items():
-            def plain(x=x) -> None:
-                with torch.no_grad():
-                    model(x)
-
-            r, _ = ratio(plain, lambda x=x, method=method: method(x), rounds)
+            r, _ = ratio(plain_forward(model, x), lambda x=x, method=method: method(x), rounds)
             ex = method(x)
             per.append((name, int(ex.params["channels_used"][0]), r, corr(ex.maps, fulls[name])))
         detail = "  ".join(f"{n} {m}/{c:.3f}" for n, m, _, c in per)

@@ -216,6 +216,7 @@ def test_detection_upload_boxes_explain_one(browser, tmp_path):
         page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(str(scene))
         _painted(page, _result(page, "scene.png: 3 detections"))
         boxes = page.locator('[data-testid="stRadio"] [role="radiogroup"] label')
+        boxes.nth(2).wait_for()  # the list may render a moment after the picture (count() does not wait)
         assert boxes.count() == 3
         assert [t.split(":")[0] for t in boxes.all_inner_texts()] == ["box 0", "box 1", "box 2"]
         _painted(page, _result(page, "Grad-CAM @ features.block5: box 0"))

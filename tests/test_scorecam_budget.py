@@ -134,9 +134,9 @@ def test_a_map_stopped_by_the_cap_above_tolerance_is_reported_in_one_log_line(ca
 
     def said(**settings) -> tuple[lumos.Explanation, list[str]]:
         caplog.clear()
-        with caplog.at_level("WARNING", logger="lumos.methods.scorecam"):
+        with caplog.at_level("WARNING", logger="lumos.shortfall"):
             ex = lumos.ScoreCAM(net, "features", **settings)(x, 0)
-        return ex, [r.getMessage() for r in caplog.records if r.name == "lumos.methods.scorecam"]
+        return ex, [r.getMessage() for r in caplog.records if r.name == "lumos.shortfall"]
 
     ex, lines = said(max_channels=4, tolerance=1e-9)
     error = ex.params["error"]

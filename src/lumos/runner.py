@@ -39,6 +39,7 @@ from lumos.render import (
     picture,
     save_png,
 )
+from lumos.shortfall import gather_shortfalls
 from lumos.targets import TOPK
 
 log = logging.getLogger(__name__)
@@ -285,18 +286,19 @@ def explain_images(
             batch.clear()
 
     try:
-        for name, source in items:
-            try:
-                image = source() if callable(source) else source
-            except LumosError as err:
-                report.failures.append((name, str(err)))
-                if on_image:
-                    on_image(name, None, str(err))
-                continue
-            batch.append((name, image))
-            if len(batch) >= batch_size:
-                flush()
-        flush()
+        with gather_shortfalls():  # a method's cap, said once for the run rather than once per batch
+            for name, source in items:
+                try:
+                    image = source() if callable(source) else source
+                except LumosError as err:
+                    report.failures.append((name, str(err)))
+                    if on_image:
+                        on_image(name, None, str(err))
+                    continue
+                batch.append((name, image))
+                if len(batch) >= batch_size:
+                    flush()
+            flush()
     finally:
         report.wait()
     return report

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import io
 import json
+import math
 import re
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from PIL import Image
 from lumos.errors import ImageError, LumosError
 from lumos.explainer import model_device, resolve_device  # the one device rule of every front end
 from lumos.methods import display_name  # one display name per method, everywhere
+from lumos.shortfall import gather_shortfalls
 
 MAX_UPLOAD_MB = 20
 MAX_UPLOAD_BYTES = MAX_UPLOAD_MB * 2**20
@@ -385,6 +387,7 @@ class MethodResult:
     layer: str | None
     pixel: bool
     params: dict[str, Any] = field(default_factory=dict)
+    shortfall: str | None = None  # the method stopped at its cap before meeting its tolerance (see caption)
 
 
 def uses_layer(method: str) -> bool:
@@ -475,7 +478,8 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
     from lumos.explainer import Explainer, ExplainSpec
 
     spec = ExplainSpec(methods=(method,), settings={method: dict(settings or {})}, target=target, layer=layer)
-    result = Explainer(spec, bundle)(model_input(bundle, image))
+    with gather_shortfalls(say=False) as short:  # said in the caption, where the user looks
+        result = Explainer(spec, bundle)(model_input(bundle, image))
     ex = result.explanations[spec.method_names[0]]
     raw = ex.raw[0] if isinstance(ex.raw, tuple) else ex.raw
     layer_name = ex.layer if isinstance(ex.layer, str) or ex.layer is None else ", ".join(ex.layer)
@@ -488,7 +492,14 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
         layer=layer_name,
         pixel=ex.kind == "pixel",
         params={k: v for k, v in ex.params.items() if isinstance(v, str | int | float | bool | None)},
+        shortfall="; ".join(_shortfall_text(s) for s in short) or None,
     )
+
+
+def _shortfall_text(short) -> str:
+    worst = "unknown" if math.isnan(short.worst) else f"{short.worst:.3f}"
+    return (f"less exact than asked: it stopped at {short.cap} with {short.measure} {worst}, above the "
+            f"tolerance {short.tolerance:g}; a higher cap or step setting gives a more exact map")
 
 
 def result_caption(result: MethodResult) -> str:
@@ -497,6 +508,8 @@ def result_caption(result: MethodResult) -> str:
     if not np.any(result.map):
         caption += (": zero everywhere, nothing to draw (the exact result: the class's score does not change "
                     "with what the method looks at, e.g. an untrained head)")
+    elif result.shortfall:
+        caption += f": {result.shortfall}"
     return caption
 
 

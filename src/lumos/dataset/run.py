@@ -13,6 +13,7 @@ from lumos.dataset.sources import Item, list_items
 from lumos.dataset.store import Store, chunk_ranges, store_lock
 from lumos.errors import LumosError
 from lumos.explainer import Explainer, ExplainSpec
+from lumos.shortfall import gather_shortfalls
 
 __all__ = ["DatasetRun", "explain_dataset", "ENGINES"]
 
@@ -85,7 +86,8 @@ def explain_dataset(
         if engine == "local":
             from lumos.dataset.local import run_local
 
-            run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
+            with gather_shortfalls():  # a method's cap, said once for the run rather than once per batch
+                run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
         else:
             from lumos.dataset.ray_engine import run_ray
 

@@ -19,6 +19,7 @@ from lumos.layers import LayerSpec
 from lumos.methods.base import register
 from lumos.methods.pixel import PixelMethod
 from lumos.methods.quadrature import adaptive_integral, quadrature, refine, trapezoid_weights
+from lumos.shortfall import Shortfall, report_shortfall
 from lumos.targets import Target, select_output
 
 __all__ = ["IntegratedGradients", "gaussian_blur", "quadrature", "refine", "trapezoid_weights"]
@@ -251,7 +252,18 @@ class IntegratedGradients(PixelMethod):
         attr = (attr / nb).flatten(0, 1)
         gap = fw.targets.scores.detach() - base_scores / nb
         delta = attr.sum((1, 2, 3)) - gap.reshape(-1)
+        if adaptive and self.tolerance:
+            self._report_cap(delta.detach(), gap.reshape(-1).detach())
         return [attr], {"delta": delta.detach(), "gap": gap.reshape(-1).detach(), "points": points.repeat_interleave(k)}
+
+    def _report_cap(self, delta: torch.Tensor, gap: torch.Tensor) -> None:
+        """Maps whose completeness error |delta| / |gap| is still above the tolerance at ``max_steps``: one
+        warning per call, or per run (:func:`~lumos.shortfall.gather_shortfalls`)."""
+        error = torch.where(delta == 0, 0.0, delta.double().abs() / gap.double().abs())
+        report_shortfall(Shortfall(
+            "Integrated gradients", f"max_steps={self.max_steps} points",
+            "completeness error (share of |F(x) - F(baseline)|)", self.tolerance, "delta",
+            "raise max_steps (CLI: --set max_steps=N) or steps."), error)
 
     @torch.no_grad()
     def _baseline_scores(self, bs: torch.Tensor, target: Target, images: torch.Tensor) -> torch.Tensor:

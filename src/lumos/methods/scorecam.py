@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +11,8 @@ from lumos.engine import Forward, score_inputs
 from lumos.errors import LumosError, positive_int
 from lumos.explanation import normalize_maps, upsample
 from lumos.methods.base import ActivationMethod, register
+from lumos.shortfall import Shortfall, report_shortfall
 from lumos.targets import OutputSpec, Target
-
-log = logging.getLogger(__name__)
 
 #: Masks scored in the first round of the adaptive budget; each later round doubles the number scored.
 FIRST_ROUND = 8
@@ -95,19 +93,14 @@ class ScoreCAM(ActivationMethod):
         return [torch.cat(r) for r in raws], extra
 
     def _report_cap(self, error: torch.Tensor) -> None:
-        """One log line when the cap stopped maps before their estimated error met the tolerance (an unknown
-        error, after a single mask, counts as not met)."""
+        """Maps the cap stopped before their estimated error met the tolerance (an unknown error, after a single
+        mask, counts as not met): one warning per call, or per run (:func:`~lumos.shortfall.gather_shortfalls`)."""
         if not self.tolerance:
             return
-        over = (error > self.tolerance) | error.isnan()
-        if bool(over.any()):
-            known = error[over & ~error.isnan()]
-            worst = f"{float(known.max()):.3f}" if known.numel() else "unknown"
-            log.warning(
-                "Score-CAM: %d of %d maps reached max_channels=%s masks with estimated error up to %s, above "
-                "tolerance %g (see params['error']); raise max_channels (CLI: --set max_channels=N), or "
-                "max_channels=None (--set max_channels=none) for the exact map.",
-                int(over.sum()), error.numel(), self.max_channels, worst, self.tolerance)
+        report_shortfall(Shortfall(
+            "Score-CAM", f"max_channels={self.max_channels} masks", "estimated error", self.tolerance, "error",
+            "raise max_channels (CLI: --set max_channels=N), or max_channels=None (--set max_channels=none) for the "
+            "exact map."), error)
 
 
 class MaskScorer:

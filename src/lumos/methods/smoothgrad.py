@@ -12,6 +12,7 @@ from lumos.errors import LumosError, positive_int
 from lumos.layers import LayerSpec, Site
 from lumos.methods.base import LayerMethod, method_class, register
 from lumos.methods.pixel import PixelMethod
+from lumos.shortfall import gather_shortfalls
 
 VARIANTS = ("plain", "squared", "variance")
 
@@ -101,9 +102,10 @@ class SmoothGrad(PixelMethod):
         # bit-identical to the wrapped method (batched kernels may round differently).
         per_call = 1 if targets.classes is None or self.noise == 0 else max(1, self.batch_size // b)
         ranks: list[Any] = []
-        for j in range(k):
-            spec = fw.target.spec() if targets.classes is None else targets.classes[:, j]
-            ranks.append(self._smooth(x, sigma, spec, per_call))
+        with gather_shortfalls():  # the wrapped method's cap (Score-CAM, IG): said once for all the copies
+            for j in range(k):
+                spec = fw.target.spec() if targets.classes is None else targets.classes[:, j]
+                ranks.append(self._smooth(x, sigma, spec, per_call))
         parts = [r if isinstance(r, tuple) else (r,) for r in ranks]
         return [torch.stack([p[i] for p in parts], 1).flatten(0, 1) for i in range(len(parts[0]))]
 

@@ -124,3 +124,15 @@ def test_a_folder_run_says_the_cap_once_with_the_count_of_every_batch(tmp_path, 
     said = [line for line in done.stderr.splitlines() if line.startswith("warning: Score-CAM:")]
     assert len(said) == 1 and "3 of 3 maps reached max_channels=1 masks with estimated error up to unknown" in said[0]
     assert "Traceback" not in done.stderr
+
+
+def test_the_task_page_result_names_the_shortfall():
+    from lumos.app import task_logic
+
+    tm = task_logic.load_task_model("detection")
+    image = task_logic.scene_image("scene 1")
+    det = task_logic.find_boxes(tm, image)
+    assert len(det) > 0
+    short = task_logic.explain_box(tm, image, det, 0, "scorecam", {"max_channels": 2, "tolerance": 1e-9})
+    assert short.shortfall and short.shortfall.startswith("less exact than asked: it stopped at max_channels=2 masks")
+    assert task_logic.explain_box(tm, image, det, 0, "gradcam").shortfall is None

@@ -49,9 +49,17 @@ class Shortfall:
         return replace(self, over=self.over + other.over, total=self.total + other.total, worst=worst)
 
     def line(self) -> str:
-        worst = "unknown" if math.isnan(self.worst) else f"{self.worst:.3f}"
+        """The warning: counts, cap, the worst value, and what to change."""
         return (f"{self.method}: {self.over} of {self.total} maps reached {self.cap} with {self.measure} up to "
-                f"{worst}, above tolerance {self.tolerance:g} (see params['{self.param}']); {self.advice}")
+                f"{self._worst()}, above tolerance {self.tolerance:g} (see params['{self.param}']); {self.advice}")
+
+    def caption(self) -> str:
+        """The same for a picture's caption (one map, no API names)."""
+        return (f"less exact than asked: it stopped at {self.cap} with {self.measure} {self._worst()}, above the "
+                f"tolerance {self.tolerance:g}; a higher cap or step setting gives a more exact map")
+
+    def _worst(self) -> str:
+        return "unknown" if math.isnan(self.worst) else f"{self.worst:.3f}"
 
 
 def report_shortfall(short: Shortfall, error: torch.Tensor) -> None:

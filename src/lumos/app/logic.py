@@ -11,7 +11,6 @@ import hashlib
 import inspect
 import io
 import json
-import math
 import re
 import tempfile
 import threading
@@ -492,14 +491,9 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
         layer=layer_name,
         pixel=ex.kind == "pixel",
         params={k: v for k, v in ex.params.items() if isinstance(v, str | int | float | bool | None)},
-        shortfall="; ".join(_shortfall_text(s) for s in short) or None,
+        shortfall="; ".join(s.caption() for s in short) or None,
     )
 
-
-def _shortfall_text(short) -> str:
-    worst = "unknown" if math.isnan(short.worst) else f"{short.worst:.3f}"
-    return (f"less exact than asked: it stopped at {short.cap} with {short.measure} {worst}, above the "
-            f"tolerance {short.tolerance:g}; a higher cap or step setting gives a more exact map")
 
 
 def result_caption(result: MethodResult) -> str:

@@ -155,20 +155,23 @@ class TaskResult:
     map: np.ndarray  # (size, size)
     kind: str  # Explanation.kind: layer, pixel or region
     layer: str | None
+    shortfall: str | None = None  # the method stopped at its cap before meeting its tolerance (see caption)
 
 
 def _explain(tm: TaskModel, image: Image.Image, method: str, target: Any,
              settings: dict[str, Any] | None) -> TaskResult:
     from lumos.api import explain
     from lumos.engine import quiet_blank_maps
+    from lumos.shortfall import gather_shortfalls
 
     if method in UNSUPPORTED:
         raise LumosError(f"{method} cannot explain a box or a region; choose another method.")
     _, x = task_input(tm, image)
-    with quiet_blank_maps():  # the page's caption says it
+    with quiet_blank_maps(), gather_shortfalls(say=False) as short:  # the page's caption says them
         ex = explain(tm.model, x, method, target=target, layer=tm.layer, **dict(settings or {}))
     layer = ex.layer if isinstance(ex.layer, str) or ex.layer is None else ", ".join(ex.layer)
-    return TaskResult(method, ex.maps[0].detach().float().cpu().numpy(), ex.kind, layer)
+    return TaskResult(method, ex.maps[0].detach().float().cpu().numpy(), ex.kind, layer,
+                      "; ".join(s.caption() for s in short) or None)
 
 
 def explain_box(tm: TaskModel, image: Image.Image, det: Detections, k: int, method: str = "gradcam",

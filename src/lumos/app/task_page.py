@@ -84,8 +84,9 @@ def _show(column, key: str, display: str, what: str, explain, draw) -> None:
         column.error(f"{display}: {res}")
         return
     layer = f" @ {res.layer}" if res.layer and res.kind == "layer" else ""
-    blank = "" if res.map.any() else " (zero everywhere, nothing to draw: the exact result)"
-    column.image(draw(res), width="stretch", caption=f"{display}{layer}: {what}{blank}")
+    note = " (zero everywhere, nothing to draw: the exact result)" if not res.map.any() else (
+        f" ({res.shortfall})" if res.shortfall else "")
+    column.image(draw(res), width="stretch", caption=f"{display}{layer}: {what}{note}")
 
 
 def run(task: str) -> None:

@@ -235,3 +235,27 @@ def test_errors(data, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # import wandb -> ImportError
     with pytest.raises(LumosError, match=r"pip install 'lumos\[wandb\]'"):
         ExplanationLogger(data.images[:2], [0, 1], sinks=["wandb"])
+
+
+def test_method_settings_reach_the_method_and_its_cap_is_warned_once_per_run(data, caplog):
+    torch.manual_seed(0)
+    model = DropCNN().eval()
+    capped = {"integrated_gradients": {"steps": 2, "max_steps": 2, "tolerance": 1e-9}}
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], methods=["integrated_gradients"], target="pred",
+                               settings=capped, sinks=[MemorySink()])
+    with caplog.at_level("DEBUG", logger="lumos.track.logger"):
+        logger.log(model, 0)
+        logger.log(model, 1)
+    said = [r for r in caplog.records if "reached max_steps=2 points" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"]  # 2 points, not the default 64: the settings arrived
+    assert said[0].getMessage().startswith("lumos.track: Integrated gradients: 2 of 2 maps reached max_steps=2")
+
+
+def test_a_wrong_method_or_setting_fails_when_the_logger_is_made_not_at_every_step(data):
+    x, y = data.images[:2], data.labels[:2]
+    with pytest.raises(LumosError, match="Unknown method 'gradcm'. Did you mean: gradcam"):
+        ExplanationLogger(x, y, methods=["gradcm"], sinks=[MemorySink()])
+    with pytest.raises(LumosError, match="integrated_gradients has no setting 'step'"):
+        ExplanationLogger(x, y, methods=["ig"], settings={"ig": {"step": 8}}, sinks=[MemorySink()])
+    with pytest.raises(LumosError, match="settings given for scorecam, which is not among the methods"):
+        ExplanationLogger(x, y, methods=["gradcam"], settings={"scorecam": {"max_channels": 8}}, sinks=[MemorySink()])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -15,7 +15,10 @@ from lumos.api import explain, feature_maps
 from lumos.capture import model_guard
 from lumos.engine import blank_maps, quiet_blank_maps
 from lumos.errors import LumosError
+from lumos.explainer import MethodSpec, check_method_settings
+from lumos.methods.base import method_class
 from lumos.render import draw_map
+from lumos.shortfall import gather_shortfalls
 from lumos.targets import probabilities
 from lumos.track._guard import preserve_grads, preserve_rng
 from lumos.track.probe import (
@@ -57,6 +60,8 @@ class ExplanationLogger:
         metrics: scalars per CAM method: ``"pointing"`` (pointing game hit rate) and/or ``"deletion"`` (AUC).
         prefix: the first part of every tag: ``<prefix>/<method>/<image index>``.
         display_size: overlays are drawn with this longer side (pixels).
+        settings: method settings, ``{method: {key: value}}`` (e.g. ``{"integrated_gradients": {"steps": 16}}``),
+            checked when the logger is made, like the method names.
 
     A single-logit head is binary: the logit explains "positive", its negation "negative", and the
     probability is its sigmoid. Logging never disturbs training: model modes, BatchNorm statistics,
@@ -85,6 +90,7 @@ class ExplanationLogger:
         colormap: str = "jet",
         alpha: float = 0.5,
         deletion_steps: int = 20,
+        settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.images, self.channels_last = to_nchw(images)
         b = self.images.shape[0]
@@ -100,6 +106,7 @@ class ExplanationLogger:
         self.methods = [str(m).lower() for m in methods]
         if not self.methods:
             raise LumosError("Give at least one method to log, e.g. methods=['gradcam'].")
+        self.settings = _method_settings(self.methods, settings)  # a typo fails here, not at every logging step
         self.layer = layer
         self.feature_layer = feature_layer if feature_layer is not None else layer
         self.n_features = n_features
@@ -120,7 +127,7 @@ class ExplanationLogger:
             raise LumosError("The 'pointing' metric needs masks= (the objects' pixels, B x H x W).")
         self.metrics = list(metrics)
         self.prefix = prefix
-        self._reported: set[tuple[str, str]] = set()  # (method, reason) of steps skipped, warned once
+        self._reported: set[tuple] = set()  # (method, reason) of steps skipped, shortfalls: warned once
         self.display_size = display_size
         self.colormap = colormap
         self.alpha = alpha
@@ -216,10 +223,12 @@ class ExplanationLogger:
 
     def _skipped(self, method: str, err: LumosError) -> None:
         """One warning per method and reason (later steps with the same reason log at debug level)."""
-        key = (method, str(err))
+        self._once((method, str(err)), f"lumos.track: {method} not logged at this step: {err}")
+
+    def _once(self, key: tuple, text: str) -> None:
         level = logging.DEBUG if key in self._reported else logging.WARNING
         self._reported.add(key)
-        log.log(level, "lumos.track: %s not logged at this step: %s", method, err)
+        log.log(level, "%s", text)
 
     def _collect_method(self, method: str, net: nn.Module, x: torch.Tensor, layer: Any, flayer: Any,
                         captions: list[str], modes: list[str], preds: torch.Tensor, probs: torch.Tensor, binary: bool,
@@ -242,8 +251,12 @@ class ExplanationLogger:
             if binary:
                 signs = (classes.to(device).float() * 2 - 1)
                 target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
-            with quiet_blank_maps():  # said on the panel instead of a log line at every logging step
-                ex = explain(net, x, method=method, target=target, layer=layer)
+            # blank maps are said on the panel, a cap reached above tolerance once per run, not at every step
+            with quiet_blank_maps(), gather_shortfalls(say=False) as short:
+                ex = explain(net, x, method=method, target=target, layer=layer,
+                             **self.settings.get(method_class(method).name, {}))
+            for cut in short:
+                self._once(cut.key(), f"lumos.track: {cut.line()} (said once; later steps log it at debug level)")
             maps = ex.maps.detach().float().cpu()
             blank = blank_maps(maps)
             if first_maps is None:
@@ -290,6 +303,20 @@ class ExplanationLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _method_settings(methods: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None,
+                     ) -> dict[str, dict[str, Any]]:
+    """``settings`` by registered method name, after checking every method name and setting (one-line errors)."""
+    names = {method_class(m).name for m in methods if m != FEATURES}
+    checked: dict[str, dict[str, Any]] = {}
+    for key, kwargs in (settings or {}).items():
+        name = method_class(key).name
+        if name not in names:
+            raise LumosError(f"settings given for {name}, which is not among the methods ({', '.join(methods)}).")
+        checked[name] = dict(kwargs)
+        check_method_settings(MethodSpec(name, tuple(sorted(checked[name].items()))))
+    return checked
 
 
 class _BinaryTarget:

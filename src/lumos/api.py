@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lumos.capture import Capture
-from lumos.engine import check_input, guard
+from lumos.engine import check_input, check_spatial, guard
 from lumos.errors import LumosError, positive_int
 from lumos.explanation import Explanation
 from lumos.layers import LayerSpec, LayoutSpec, resolve_sites
@@ -62,8 +62,6 @@ def feature_maps(model: nn.Module, x: torch.Tensor, layer: LayerSpec = "auto", n
     if site.name not in cap.activations:
         raise LumosError(f"Layer '{site.name}' did not run in the forward pass; choose another layer.")
     acts = site.to_map(cap.activations[site.name])
-    if acts.shape[-2:] == (1, 1):  # one value per channel: every "map" would be one flat square
-        raise LumosError(f"Layer '{site.name}' outputs {acts.shape[1]}x1x1: one value per channel, no spatial map "
-                         "to show; choose a layer whose output is larger than 1x1 (layer='auto' picks the last one).")
+    check_spatial(site.name, acts)
     top = acts.flatten(2).mean(2).topk(min(n, acts.shape[1]), dim=1).indices
     return FeatureMaps(acts, top, site.name)

@@ -42,7 +42,8 @@ _REPORT_BLANK = contextvars.ContextVar("lumos_report_blank_maps", default=True)
 #: Why a map can be zero everywhere (the surfaces that report blank maps end with BLANK_REASON)
 _BLANK_CAUSE = ("This is the exact result: the target's score does not change with what the method looks at (e.g. a "
                 "head still initialised to zero)")
-BLANK_REASON = f"{_BLANK_CAUSE}, or a CAM has no positive evidence after ReLU."
+BLANK_REASON = (f"{_BLANK_CAUSE}, or a CAM has no positive evidence after ReLU, or its layer map is the same at "
+                "every position (e.g. a constant image).")
 
 # Whether a model's (selected) output comes out of a final sigmoid/softmax: watched once per model and output
 # selector (the watch intercepts every torch call, ~30% of a forward), then remembered.
@@ -158,6 +159,14 @@ class Forward:
             yield j, [s.to_map(g) for s, g in zip(self.sites, grads, strict=True)]
 
 
+def check_spatial(name: str, maps: torch.Tensor) -> None:
+    """A one-line :class:`LumosError` when a layer's maps (B, C, h, w) are 1 x 1: one value per channel, so
+    every "map" would be a flat square (upsampling would only add rounding noise, min-max scaled to [0, 1])."""
+    if tuple(maps.shape[-2:]) == (1, 1):
+        raise LumosError(f"Layer '{name}' outputs {maps.shape[1]}x1x1: one value per channel, no spatial map to "
+                         "show; choose a layer whose output is larger than 1x1 (layer='auto' picks the last one).")
+
+
 def forward(
     model: nn.Module,
     x: torch.Tensor,
@@ -196,7 +205,7 @@ def forward(
     if missing:
         raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")
     for s in sites:  # a layer that cannot give a map fails here, before any backward
-        s.to_map(cap.activations[s.name].detach())
+        check_spatial(s.name, s.to_map(cap.activations[s.name].detach()))
     targets = resolve_targets(target, out, labels, probs, squashed)
     check_finite_scores(targets.scores, targets.classes)
     return Forward(x, out, dict(cap.activations), sites, targets, state, probability_kind(out, probs, squashed))

@@ -89,6 +89,15 @@ def upsample(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tens
     return F.interpolate(maps[:, None], size=size, mode=mode, **kwargs)[:, 0]
 
 
+def upsample_minmax(maps: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Upsample (N, h, w) maps and scale each to [0, 1]; a map that is the same at every position becomes
+    zeros, as :func:`normalize_maps` makes a constant map (interpolating it adds rounding noise, up to a
+    few ulps, that min-max scaling would stretch to [0, 1])."""
+    flat = maps.flatten(1)
+    constant = (flat.amax(1) == flat.amin(1)).view(-1, 1, 1)
+    return normalize_maps(upsample(maps, size, mode), "minmax").masked_fill(constant, 0.0)
+
+
 def finish_maps(
     raws: list[torch.Tensor], size: tuple[int, int], relu: bool, normalize: Normalize, mode: str
 ) -> torch.Tensor:
@@ -96,7 +105,7 @@ def finish_maps(
     maps = []
     for raw in raws:
         m = raw.float().relu() if relu else raw.float()
-        maps.append(normalize_maps(upsample(m, size, mode), normalize))
+        maps.append(upsample(m, size, mode) if normalize is None else upsample_minmax(m, size, mode))
     fused = maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
     return normalize_maps(fused, normalize) if len(maps) > 1 else fused
 

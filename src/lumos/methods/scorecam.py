@@ -9,7 +9,7 @@ import torch
 
 from lumos.engine import Forward, score_inputs
 from lumos.errors import LumosError, positive_int
-from lumos.explanation import normalize_maps, upsample
+from lumos.explanation import upsample_minmax
 from lumos.methods.base import ActivationMethod, register
 from lumos.shortfall import Shortfall, report_shortfall
 from lumos.targets import OutputSpec, Target
@@ -121,7 +121,7 @@ class MaskScorer:
             parts = [torch.full_like(x, self.baseline)] if start < extra else []
             lo, hi = max(start - extra, 0), stop - extra
             if hi > lo:
-                masks = normalize_maps(upsample(acts[lo:hi].float(), size, "bilinear"), "minmax")[:, None]
+                masks = upsample_minmax(acts[lo:hi].float(), size, "bilinear")[:, None]
                 parts.append((x * masks + self.baseline * (1 - masks)).to(x.dtype))
             return torch.cat(parts), torch.zeros(stop - start, dtype=torch.long)
 

@@ -13,7 +13,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from torch import nn
 
 import lumos
-from lumos.methods.integrated import quadrature
+from lumos.methods.quadrature import quadrature
 from nets import ReusedReLUNet, copy_weights, images
 
 TOL = 1e-4

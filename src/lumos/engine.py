@@ -87,6 +87,20 @@ def check_input(x: object) -> torch.Tensor:
     return x
 
 
+def check_matches_model(model: nn.Module, x: torch.Tensor) -> None:
+    """A one-line :class:`LumosError` when ``x``'s dtype or device differs from the model's first floating
+    parameter (torch would fail deep inside the forward with the layer's internals)."""
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if weight is None:
+        return
+    if x.dtype != weight.dtype:
+        raise LumosError(f"The input is {x.dtype} but the model's weights are {weight.dtype}; convert one "
+                         f"(e.g. x.to({weight.dtype}) or model.to({x.dtype})).")
+    if x.device != weight.device:
+        raise LumosError(f"The input is on {x.device} but the model is on {weight.device}; move one "
+                         f"(e.g. x.to('{weight.device}')).")
+
+
 @contextmanager
 def guard(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
     """The model left as found (modes, buffers, grad mode), with autograd usable even when the caller is
@@ -304,6 +318,7 @@ class MethodLike(Protocol):
 def run(method: MethodLike, x: object, target: TargetSpec = None) -> Explanation:
     """A method's call: check the input, guarded forward, method math, the Explanation."""
     x = check_input(x)
+    check_matches_model(method.model, x)
     with guard(method.model, method.eval_mode):
         sites = method.sites(x)
         fw = forward(method.model, x, sites, target, output=method.output, labels=method.labels,

@@ -26,6 +26,7 @@ from lumos.errors import LumosError, positive_int
 from lumos.explanation import Explanation
 from lumos.layers import resolve_layers
 from lumos.methods import Method, method_class
+from lumos.methods.base import constructor_settings
 from lumos.targets import TOPK, TargetError, check_probs, to_probabilities
 
 _RESERVED = {"self", "model", "layer", "labels"}
@@ -36,15 +37,7 @@ def accepted_settings(name: str, base: str | None = None) -> set[str]:
     """Keyword arguments method ``name``'s constructor accepts (its own and its base classes'; for
     ``smoothgrad`` also those of its ``base`` method, which it passes on)."""
     cls = method_class(name)
-    params: set[str] = set()
-    for klass in cls.__mro__:  # follow **kwargs up to the first constructor that has none
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        signature = inspect.signature(init).parameters.values()
-        params |= {p.name for p in signature if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        if not any(p.kind == p.VAR_KEYWORD for p in signature):
-            break
+    params = constructor_settings(cls)
     if cls.name == "smoothgrad":
         params |= accepted_settings(base or "gradients")
     return params - _RESERVED

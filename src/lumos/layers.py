@@ -161,7 +161,12 @@ def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = 
     """Map a layer spec (module, dotted name, ``"auto"``, or a list of them) to ``{name: module}``.
 
     Names chosen by ``"auto"`` are :class:`AutoLayer` strings."""
-    specs = [layer] if isinstance(layer, nn.Module | str) else list(layer)
+    if isinstance(layer, nn.Module | str):
+        specs = [layer]
+    elif isinstance(layer, list | tuple):
+        specs = list(layer)
+    else:
+        raise LayerError(f"layer={layer!r} is not a layer: give a dotted name, a module, 'auto', or a list of them.")
     if not specs:
         raise LayerError("layer= is an empty list; give at least one layer or 'auto'.")
     modules = dict(model.named_modules())
@@ -181,8 +186,8 @@ def resolve_layers(model: nn.Module, layer: LayerSpec, x: torch.Tensor | None = 
             name = AutoLayer(auto_layer(model, x))
             log.info("lumos: layer='auto' chose '%s'", name)
             out[name] = modules[name]
-        elif spec in modules and spec:
-            out[str(spec)] = modules[spec]
+        elif isinstance(spec, str) and spec in modules and spec:
+            out[spec] = modules[spec]
         else:
             hint = close_matches(str(spec), [n for n in modules if n])
             raise LayerError(f"No layer named '{spec}' in this model.{hint}")

@@ -13,8 +13,9 @@ itself, or none) is made here and only here: :func:`probability_kind` / :func:`t
 
 from __future__ import annotations
 
+import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -203,6 +204,18 @@ def _check_classes(classes: torch.Tensor, num_classes: int) -> torch.Tensor:
     return classes
 
 
+_TARGET_FORMS = ("give None (top-1), a class index, a class name, 'topk:N', one index or name per image, or a "
+                 "callable on the model output")
+
+
+def _index(value: object) -> int:
+    """A class index from an int (also numpy's); a bool or a float is a one-line :class:`TargetError`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "a bool" if isinstance(value, bool) else f"a {type(value).__name__}"
+        raise TargetError(f"target {value!r} is {kind}, not a class index: {_TARGET_FORMS}.")
+    return int(value)
+
+
 def _classes(target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | None) -> torch.Tensor:
     batch, num_classes = output.shape
     if target is None:
@@ -212,13 +225,19 @@ def _classes(target: TargetSpec, output: torch.Tensor, labels: Sequence[str] | N
         if not 1 <= k <= num_classes:
             raise TargetError(f"'{target}' asks for {k} classes; the model has {num_classes}.")
         return output.topk(k, dim=1).indices
-    if isinstance(target, int | str):
-        index = target if isinstance(target, int) else _class_index(target, labels, num_classes)
+    if isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TargetError(f"A target tensor must hold integer class indices; this one is {target.dtype}.")
+        target = target.item() if target.ndim == 0 else target
+    if isinstance(target, int | str | numbers.Number):
+        index = _class_index(target, labels, num_classes) if isinstance(target, str) else _index(target)
         return torch.full((batch, 1), index, dtype=torch.long, device=output.device)
-    items = target.tolist() if isinstance(target, torch.Tensor) else list(target)  # type: ignore[union-attr]
+    if not isinstance(target, torch.Tensor | Iterable):
+        raise TargetError(f"target={target!r} is not a target: {_TARGET_FORMS}.")
+    items = target.tolist() if isinstance(target, torch.Tensor) else list(target)
     if len(items) != batch:
         raise TargetError(f"Got {len(items)} targets for {batch} images; give one per image or a single one.")
-    items = [i if isinstance(i, int) else _class_index(str(i), labels, num_classes) for i in items]
+    items = [_class_index(i, labels, num_classes) if isinstance(i, str) else _index(i) for i in items]
     return torch.tensor(items, dtype=torch.long, device=output.device)[:, None]
 
 

@@ -8,6 +8,7 @@ calls and threads, and pickles with its settings.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -78,6 +79,21 @@ def method_class(name: str) -> type[Method]:
     return REGISTRY[key]
 
 
+def constructor_settings(cls: type) -> set[str]:
+    """Keyword arguments a method class's constructor accepts: its own and those of the base classes its
+    ``**kwargs`` reach (up to the first constructor without them, or :class:`Method`)."""
+    params: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        signature = inspect.signature(init).parameters.values()
+        params |= {p.name for p in signature if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        if klass is Method or not any(p.kind == p.VAR_KEYWORD for p in signature):
+            break
+    return params - {"self"}
+
+
 class Method:
     """Base of every method. Use as ``method(x, target)`` (or ``with Method(model) as m: m(x)``).
 
@@ -111,7 +127,13 @@ class Method:
         eval_mode: bool = True,
         probs: str = "auto",
         layout: Layout | None = None,
+        **unknown: Any,
     ) -> None:
+        if unknown:
+            word = next(iter(unknown))
+            known = sorted(constructor_settings(type(self)) - {"model", "layer"})
+            raise LumosError(f"{self.name or type(self).__name__} has no setting '{word}'."
+                             f"{close_matches(word, known)} Settings: {', '.join(known)}.")
         self.model = check_model(model)
         self.layer = layer
         self.output = output

@@ -18,11 +18,12 @@ from lumos.errors import LumosError, positive_int
 from lumos.layers import LayerSpec
 from lumos.methods.base import register
 from lumos.methods.pixel import PixelMethod
-from lumos.methods.quadrature import adaptive_integral, quadrature, refine, trapezoid_weights
+from lumos.methods.quadrature import adaptive_integral, refine, trapezoid_weights
+from lumos.methods.quadrature import quadrature as rule_points
 from lumos.shortfall import Shortfall, report_shortfall
 from lumos.targets import Target, select_output
 
-__all__ = ["IntegratedGradients", "gaussian_blur", "quadrature", "refine", "trapezoid_weights"]
+__all__ = ["IntegratedGradients", "gaussian_blur", "refine", "trapezoid_weights"]
 
 BaselineSpec = str | float | torch.Tensor
 GRADIENT_STORE = 512 * 2**20  # bytes of path-point gradients the adaptive rule keeps per image group
@@ -52,12 +53,14 @@ class IntegratedGradients(PixelMethod):
             (C, H, W), (1, C, H, W) or (B, C, H, W), or a list of these (attributions averaged, as in
             expected gradients; repeated ``"uniform"`` entries draw different noise).
         steps: number of path points per baseline (default 64).
-        method: quadrature: ``adaptive`` (default), ``gausslegendre``, ``left``, ``right``, ``middle``,
+        quadrature: the rule: ``adaptive`` (default), ``gausslegendre``, ``left``, ``right``, ``middle``,
             ``trapezoid`` (Captum's ``riemann_*`` names are accepted). ``adaptive`` is a composite trapezoid
             rule whose nodes are placed per image: it starts from ``steps // 8 + 1`` even nodes and keeps
             bisecting the segments where the trapezoid rule on the slopes misses the score's actual change
             (known exactly from the forward passes) most. Scores of real networks often change steeply and
             unevenly over a short stretch of the path, where uniform rules waste their points.
+        method: Captum's name for ``quadrature``, accepted on this class (``lumos.explain`` takes the lumos
+            method's name as ``method``, so pass ``quadrature=`` there).
         tolerance: the ``adaptive`` rule goes on past ``steps`` until the completeness error of every map is
             within this fraction of ``|F(x) - F(baseline)|`` (default 0.01; ``None`` or 0: exactly ``steps``).
         max_steps: most points per image and baseline for ``tolerance`` (default ``4 * steps``); when it is
@@ -85,7 +88,7 @@ class IntegratedGradients(PixelMethod):
         *,
         baseline: BaselineSpec | Sequence[BaselineSpec] = "zero",
         steps: int = 64,
-        method: str = "adaptive",
+        quadrature: str = "adaptive",
         batch_size: int = 8,
         preprocess: Any = None,
         black: float | Sequence[float] | torch.Tensor | None = None,
@@ -93,14 +96,20 @@ class IntegratedGradients(PixelMethod):
         seed: int = 0,
         tolerance: float | None = 0.01,
         max_steps: int | None = None,
+        method: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, layer, **kwargs)
         self.steps = positive_int("steps", steps)
-        quadrature(method, self.steps)  # fail early on a bad rule
+        if method is not None:
+            if quadrature != "adaptive" and method != quadrature:
+                raise LumosError(f"method={method!r} and quadrature={quadrature!r} name two rules; "
+                                 "pass one (quadrature=).")
+            quadrature = method
+        rule_points(quadrature, self.steps)  # fail early on a bad rule
         self.baseline = baseline
         batch_size = positive_int("batch_size", batch_size)
-        self.method = method
+        self.quadrature = quadrature
         self.batch_size = int(batch_size)
         self.preprocess = preprocess
         self.black = black
@@ -117,12 +126,12 @@ class IntegratedGradients(PixelMethod):
         specs = self.baseline if isinstance(self.baseline, list | tuple) else [self.baseline]
         names = [s if isinstance(s, str | int | float) else "tensor" for s in specs]
         return {**super().params(), "baseline": names if len(names) > 1 else names[0], "steps": self.steps,
-                "method": self.method, "batch_size": self.batch_size,
+                "quadrature": self.quadrature, "batch_size": self.batch_size,
                 **({"tolerance": self.tolerance, "max_steps": self.max_steps} if self._adaptive_rule else {})}
 
     @property
     def _adaptive_rule(self) -> bool:
-        return self.method.strip().lower() == "adaptive"
+        return self.quadrature.strip().lower() == "adaptive"
 
     # -- baselines -------------------------------------------------------------------------------------
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -216,7 +225,7 @@ class IntegratedGradients(PixelMethod):
         callable_target = fw.targets.classes is None
         adaptive = self._adaptive_rule
         if not adaptive:
-            alphas, weights = (torch.tensor(v, dtype=torch.float64) for v in quadrature(self.method, self.steps))
+            alphas, weights = (torch.tensor(v, dtype=torch.float64) for v in rule_points(self.quadrature, self.steps))
         # Image groups: class targets may split the batch; a callable sees whole batches only. The adaptive
         # rule keeps every point's gradient until its weight is known: groups bounded by GRADIENT_STORE bytes.
         g = b if callable_target else min(b, self.batch_size)

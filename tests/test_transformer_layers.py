@@ -274,3 +274,15 @@ def test_cli_layers_shows_token_grids_and_the_auto_choice(tmp_path, monkeypatch,
     assert "17x192" not in lines["blocks.0"] and "18x192" in lines["blocks.0"] and "[tokens 2+4x4]" in lines["blocks.0"]
     assert lines["blocks.1.norm1"].endswith("<- auto") and sum("auto" in line for line in out.splitlines()) == 1
     assert "patch_embed.proj" in lines and "[" not in lines["patch_embed.proj"]  # a plain NCHW map
+
+
+def test_hf_swin_stages_fold_like_the_library_own_reshape():
+    """HF Swin keeps every stage as B x N x D tokens (2x2 patches merged per stage, so no map of the smaller
+    grid is ever seen); the folded maps must equal the library's own ``reshaped_hidden_states``."""
+    arch = build("hf_swin")
+    x = images(arch, n=2)
+    with torch.no_grad():
+        hidden = arch.model(x, output_hidden_states=True).reshaped_hidden_states  # embeddings, then each stage
+    for stage in range(3):
+        fm = lumos.feature_maps(arch.model, x, layer=f"swin.encoder.layers.{stage}", n=1)
+        assert torch.allclose(fm.activations, hidden[stage + 1], atol=1e-6), stage

@@ -79,6 +79,14 @@ def _hf_vit() -> nn.Module:
     return ViTForImageClassification(cfg)
 
 
+def _hf_swin() -> nn.Module:
+    from transformers import SwinConfig, SwinForImageClassification
+
+    cfg = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 2], num_heads=[1, 2, 4],
+                     window_size=4, num_labels=5)
+    return SwinForImageClassification(cfg)
+
+
 # name: (constructor, input size, explicit layer, its layout, auto layer, CAM applies at auto)
 SPECS: dict[str, tuple] = {
     "tv_vit_b_16": (_tv_vit, (64, 64), "encoder.layers.encoder_layer_1", "tokens 1+4x4",
@@ -92,6 +100,7 @@ SPECS: dict[str, tuple] = {
     "timm_swin_tiny": (_timm("swin_tiny_patch4_window7_224", img_size=64, window_size=4), (64, 64), "layers.2",
                        "NHWC 4x4", "norm", True),
     "hf_vit": (_hf_vit, (32, 32), "vit.layers.0", "tokens 1+4x4", "vit.layers.1.layernorm_before", False),
+    "hf_swin": (_hf_swin, (64, 64), "swin.encoder.layers.1", "tokens 4x4", "swin.layernorm", True),
 }
 NAMES = list(SPECS)
 

@@ -400,5 +400,24 @@ def _layer_layout(c: _Call, calls: int, axis: int | str | None, grids: list[tupl
             layout = Tokens(prefix, (h, w), size, stride=(size[0] / h, size[1] / w), channels_first=axis == 1,
                             traced_size=size)
             return LayerLayout(**base, status="layout", layout=layout)
+    merged = _merged_grid(n, grids)
+    if merged is not None:  # a hierarchical transformer (HF Swin) merges 2x2 patches per stage, in row order
+        h, w = merged
+        layout = Tokens(0, (h, w), size, stride=(size[0] / h, size[1] / w), channels_first=axis == 1,
+                        traced_size=size)
+        return LayerLayout(**base, status="layout", layout=layout)
     return LayerLayout(**base, status="ambiguous",
                        reason=f"its {n} tokens fit no spatial grid seen before it in the forward")
+
+
+def _merged_grid(n: int, grids: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The grid of ``n`` tokens when it is the latest seen grid halved 1-5 times on both sides (patch merging:
+    HF Swin keeps its stages as B x N x D tokens, so no map of the smaller grid is seen), else None."""
+    if not grids:
+        return None
+    h, w = grids[-1]
+    for _ in range(5):
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if h * w == n and h * w > 1:
+            return h, w
+    return None

@@ -134,15 +134,17 @@ def explain_dataset(
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
     errors, blank = _error_and_blank_rows(result.store)
     failed = f"; {errors} failed (rows with their error: unreadable, or a NaN score)" if errors else ""
+    unlabelled = (f"; {result.unlabelled} without a label (their predicted-class map only)" if result.unlabelled
+                  else "")
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
-                      f"{result.skipped} already done{failed}", highlight=False)
+                      f"{result.skipped} already done{unlabelled}{failed}", highlight=False)
     if blank:
         from lumos.engine import BLANK_REASON
 
         err_console.print(f"warning: {blank} map(s) are zero everywhere (map_lo = map_hi = 0): nothing to draw. "
                           f"{BLANK_REASON}", highlight=False, markup=False)
     if report:
-        _write_report(result.store, result.store / "report", None, None, 8)
+        _report_or_exit(result.store, result.store / "report", None, None, 8)
     if errors or result.problems:  # finished, but some inputs failed: exit 1, as `lumos explain`
         raise typer.Exit(1)
 
@@ -170,16 +172,21 @@ def report_command(
 ) -> None:
     """Where the model looks, per class: mean maps, misclassified mean maps, peak locations, and classes and
     images ranked by how much of their maps lies outside the object."""
-    _write_report(store, out or store / "report", method, target, top)
+    _report_or_exit(store, out or store / "report", method, target, top)
 
 
-def _write_report(store: Path, out: Path, method: str | None, target: str | None, top: int) -> None:
-    from lumos.cli_common import _make_dir, _writing, out_console
-    from lumos.dataset.report import dataset_report, write_report
+def _report_or_exit(store: Path, out: Path, method: str | None, target: str | None, top: int) -> None:
+    """The report; a store with no map to report is a one-line error and exit 1 (its rows failed), no file."""
+    from lumos.cli_common import _make_dir, _writing, err_console, out_console
+    from lumos.dataset.report import NothingToReport, dataset_report, write_report
 
     if top < 0:
         raise LumosError(f"--top must be 0 or more, got {top}.")
-    rep = dataset_report(store, method=method, target_kind=target, top=top)
+    try:
+        rep = dataset_report(store, method=method, target_kind=target, top=top)
+    except NothingToReport as err:
+        err_console.print(f"error: {err}", highlight=False, markup=False)
+        raise typer.Exit(1) from None
     _make_dir(out)
     with _writing(out):
         written = write_report(rep, out)

@@ -145,28 +145,33 @@ class BatchWorker:
         return list(self.labels).index(text)
 
     def rows(self, batch: DecodedBatch) -> list[dict[str, Any]]:
-        """Store rows of a batch, ordered by (image, target kind, method)."""
+        """Store rows of a batch, ordered by (image, target kind, method).
+
+        An unreadable image is one error row. An image without a label gets no label map: with target ``both``
+        it keeps its predicted-class map, with target ``label`` it is an error row (it has nothing to explain).
+        """
         items = batch.items
         rows: list[dict[str, Any]] = []
         good = [i for i, d in enumerate(batch.info) if not isinstance(d, str)]
-        errors = {i: d for i, d in enumerate(batch.info) if isinstance(d, str)}
+        at = {i: j for j, i in enumerate(good)}  # item -> row of batch.x
         label_idx = [self.label_index(it.label) for it in items]
-        keep = list(range(len(good)))  # rows of batch.x
-        if "label" in self.options.kinds:
-            keep = [j for j, i in enumerate(good) if label_idx[i] is not None]
-            for i in good:
-                if label_idx[i] is None:
-                    errors[i] = f"{items[i].path} has no label, so its label cannot be explained."
-            good = [good[j] for j in keep]
-        for i, err in errors.items():
-            rows.append(_base_row(items[i], label_idx[i]) | {"error": err})
-        if good:
+        for i, d in enumerate(batch.info):
+            if isinstance(d, str):
+                rows.append(_base_row(items[i], label_idx[i]) | {"error": d})
+        for kind in self.options.kinds:
+            use = good
+            if kind == "label":
+                use = [i for i in good if label_idx[i] is not None]
+                if self.options.target == "label":
+                    rows += [_base_row(items[i], None) | {
+                        "target_kind": kind, "error": f"{items[i].path} has no label, so its label cannot be "
+                        "explained."} for i in good if label_idx[i] is None]
+            if not use:
+                continue
             assert batch.x is not None
-            x = batch.x if len(keep) == len(batch.x) else batch.x[keep]
-            sizes: list[tuple[int, int]] = [batch.info[i] for i in good]  # type: ignore[misc]
-            for kind in self.options.kinds:
-                rows += self._explain_or_split(kind, [items[i] for i in good], [label_idx[i] for i in good], x,
-                                               sizes)
+            x = batch.x if len(use) == len(batch.x) else batch.x[[at[i] for i in use]]
+            sizes: list[tuple[int, int]] = [batch.info[i] for i in use]  # type: ignore[misc]
+            rows += self._explain_or_split(kind, [items[i] for i in use], [label_idx[i] for i in use], x, sizes)
         order = {k: n for n, k in enumerate(self.options.kinds)}
         methods = {m: n for n, m in enumerate(self.spec.method_names)}
         rows.sort(key=lambda r: (r["index"], order.get(r.get("target_kind"), -1), methods.get(r.get("method"), -1)))

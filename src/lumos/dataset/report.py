@@ -25,12 +25,16 @@ from lumos.dataset.batch import decode_map
 from lumos.dataset.store import Store, pyarrow
 from lumos.errors import LumosError
 
-__all__ = ["ClassSummary", "DatasetReport", "dataset_report", "write_report"]
+__all__ = ["ClassSummary", "DatasetReport", "NothingToReport", "dataset_report", "write_report"]
 
 PEAK_GRID = 8  # the peak-location heat image is PEAK_GRID x PEAK_GRID cells
 _COLUMNS = ["index", "path", "label", "label_index", "error", "target_kind", "method", "pred", "pred_name", "target",
             "target_name", "map", "map_h", "map_w", "map_lo", "map_hi", "peak_x", "peak_y", "mass_outside_box",
             "mass_border", "prob"]
+
+
+class NothingToReport(LumosError):
+    """The store holds no map to report (no finished chunk, every row failed, or none of the asked kind)."""
 
 
 @dataclass
@@ -82,7 +86,10 @@ class _Acc:
 def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, target_kind: str | None = None,
                    top: int = 8) -> DatasetReport:
     """Read ``store`` and summarise ``method``'s maps (default: the first method) for ``target_kind``
-    (default: the first the run made, e.g. ``predicted``); ``top`` images with the most mass outside."""
+    (default: the first the run made, e.g. ``predicted``); ``top`` images with the most mass outside.
+
+    A store with no such map (no finished chunk, every row failed, no image with a label for ``label``) raises
+    :class:`NothingToReport`, naming the store and why."""
     pyarrow()  # a one-line error naming the extra when it is missing
     import pyarrow.parquet as pq
 
@@ -99,14 +106,19 @@ def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, 
     labels = manifest.get("labels") or []
     files = st.chunk_files()
     if not files:
-        raise LumosError(f"The store {st.root} holds no finished chunk yet; run explain-dataset first.")
+        raise NothingToReport(f"Nothing to report from {st.root}: it holds no finished chunk yet (run "
+                              "explain-dataset first).")
     accs: dict[int, _Acc] = {}
     worst: list[tuple[float, int, dict[str, Any]]] = []
-    images = errors = 0
+    images = errors = rows = 0
+    first_error = None
     has_box = None
     for f in files:
         df = pq.read_table(f, columns=_COLUMNS).to_pandas()
+        rows += len(df)
         errors += int(df["error"].notna().sum())
+        if first_error is None and errors:
+            first_error = str(df["error"].dropna().iloc[0])
         df = df[df["error"].isna() & (df["method"] == method) & (df["target_kind"] == target_kind)]
         if has_box is None and len(df):
             has_box = bool(df["mass_outside_box"].notna().any())
@@ -136,6 +148,8 @@ def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, 
                 heapq.heappush(worst, item)
             elif top:
                 heapq.heappushpop(worst, item)
+    if not images:
+        raise NothingToReport(_nothing(st.root, method, target_kind, rows, errors, first_error))
     classes = []
     for cls, acc in accs.items():
         mean = acc.map_sum / acc.n
@@ -149,6 +163,15 @@ def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, 
     measure = "outside the object's box" if has_box else "in the border ring (outer 1/8 of each side)"
     top_images = [e for _, _, e in sorted(worst, key=lambda t: (-t[0], -t[1]))]
     return DatasetReport(method, target_kind, measure, images, errors, classes, top_images)
+
+
+def _nothing(root: Path, method: str, kind: str, rows: int, errors: int, first_error: str | None) -> str:
+    """Why a store has no map of ``method`` and ``kind`` to report, in one line."""
+    if rows and errors == rows:
+        first = (first_error or "?").rstrip(".")
+        return f"Nothing to report from {root}: {errors} of {rows} rows failed (the first: {first})."
+    why = "; an image without a label has no label map" if kind == "label" else ""
+    return f"Nothing to report from {root}: no {kind}-class map of {method} ({rows} rows, {errors} failed{why})."
 
 
 def _name(labels: list[str], cls: int) -> str:

@@ -23,13 +23,14 @@ ENGINES = ("local", "ray")
 @dataclass
 class DatasetRun:
     """What a run did: images in the data set, how many were explained now / found done, the problems met
-    while listing (path, why)."""
+    while listing (path, why), and with target ``both`` how many images have no label (so no label map)."""
 
     store: Path
     images: int
     explained: int
     skipped: int
     problems: list[tuple[str, str]] = field(default_factory=list)
+    unlabelled: int = 0
 
 
 def explain_dataset(
@@ -70,6 +71,10 @@ def explain_dataset(
     if not items:
         why = "; ".join(f"{p}: {w}" for p, w in problems[:3])
         raise LumosError(f"No image to explain{': ' + why if why else ''}.")
+    if options.target == "label" and all(it.label is None for it in items):
+        raise LumosError(f"Target 'label' explains each image's label, but none of the {len(items)} images has one "
+                         "(give class sub-folders, a list file with labels or a table with a 'label' column, or use "
+                         "target predicted).")
     worker = BatchWorker(spec, options, explainer)  # loads the model: layer, class and labels checked before any work
     for label in dict.fromkeys(it.label for it in items if it.label is not None):
         worker.label_index(label)
@@ -92,7 +97,8 @@ def explain_dataset(
             from lumos.dataset.ray_engine import run_ray
 
             run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
-    return DatasetRun(st.root, len(items), todo, len(items) - todo, problems)
+    unlabelled = sum(it.label is None for it in items) if options.target == "both" else 0
+    return DatasetRun(st.root, len(items), todo, len(items) - todo, problems, unlabelled)
 
 
 def _spec_text(spec: ExplainSpec, options: RunOptions) -> str:

@@ -1,0 +1,120 @@
+"""`lumos explain-dataset` and `lumos report` on the inputs a CLI audit found mishandled: flat folders with
+`--target both`, stores with no map to report, folders whose sub-folders are not classes, the failed images in
+the summary, and a resume with another chunk size.
+
+The shipped TinyCNN on small synthetic images keeps this fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lumos.cli import main
+from lumos.dataset import read_store
+from lumos.synthetic import make_dataset
+from lumos.synthetic.shortcut import write_image_folder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["-m", "lumos.synthetic:load_tinycnn", "--size", "64", "--mean", "0", "--std", "1", "--workers", "0"]
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory) -> Path:
+    """8 synthetic images in class folders (disc/, plus/, ...) with labels.txt."""
+    root = tmp_path_factory.mktemp("classes")
+    write_image_folder(make_dataset(8, seed=3), root)
+    return root
+
+
+def _flat(src: Path, folder: Path, n: int = 3) -> Path:
+    """``n`` of the class-folder images copied flat into ``folder`` (no labels)."""
+    folder.mkdir(parents=True)
+    for k, p in enumerate(sorted(src.rglob("*.png"))[:n]):
+        (folder / f"{k}.png").write_bytes(p.read_bytes())
+    return folder
+
+
+def test_target_both_on_a_flat_folder_makes_the_predicted_maps(classes, tmp_path, capsys) -> None:
+    """No labels: every image gets its predicted-class map, no error rows, one note in the summary, exit 0
+    (was: every row the error "has no label", exit 1, and no map at all)."""
+    flat = _flat(classes, tmp_path / "flat")
+    code, out, err = _cli(capsys, "explain-dataset", flat, "--store", tmp_path / "s", "--target", "both", *TINY)
+    assert code == 0, err
+    rows = read_store(tmp_path / "s").to_pandas()
+    assert rows.error.isna().all() and sorted(rows["index"]) == [0, 1, 2]
+    assert set(rows.target_kind) == {"predicted"} and rows["map"].notna().all()
+    assert "3 without a label (their predicted-class map only)" in out and "failed" not in out, out
+    assert "no label" not in err
+
+
+def test_target_both_on_labelled_and_unlabelled_images_gives_each_its_maps(classes, tmp_path, capsys) -> None:
+    """Class folders plus one image directly in the root: the labelled images get both maps, the other its
+    predicted one only."""
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(classes, root)
+    (root / "loose.png").write_bytes(next(classes.rglob("*.png")).read_bytes())
+    code, out, err = _cli(capsys, "explain-dataset", root, "--store", tmp_path / "s", "--target", "both", *TINY,
+                          "--labels", root / "labels.txt")
+    assert code == 0, err
+    rows = read_store(tmp_path / "s").to_pandas()
+    assert rows.error.isna().all()
+    kinds = rows.groupby("path").target_kind.apply(sorted).to_dict()
+    assert kinds.pop(str(root / "loose.png")) == ["predicted"]
+    assert len(kinds) == 8 and all(k == ["label", "predicted"] for k in kinds.values())
+    assert "1 without a label" in out
+
+
+def test_target_label_with_no_label_at_all_is_refused_before_any_work(classes, tmp_path, capsys) -> None:
+    flat = _flat(classes, tmp_path / "flat")
+    code, _, err = _cli(capsys, "explain-dataset", flat, "--store", tmp_path / "s", "--target", "label", *TINY)
+    assert code == 2 and err.startswith("error: Target 'label'") and "none of the 3 images" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_report_on_a_store_whose_rows_all_failed_is_an_error(tmp_path, capsys) -> None:
+    """Was: a blank report.png and exit 0."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.png").write_text("not an image")
+    (bad / "b.png").write_text("nor this")
+    code, _, _ = _cli(capsys, "explain-dataset", bad, "--store", tmp_path / "s", *TINY)
+    assert code == 1
+    code, out, err = _cli(capsys, "report", tmp_path / "s")
+    assert code == 1 and len(err.splitlines()) == 1, (code, out, err)
+    assert err.startswith(f"error: Nothing to report from {tmp_path / 's'}: 2 of 2 rows failed (the first: ")
+    assert "a.png" in err and not (tmp_path / "s" / "report").exists()
+    code, out, err = _cli(capsys, "explain-dataset", bad, "--store", tmp_path / "s", *TINY, "--report")
+    assert code == 1 and "Nothing to report" in err and not (tmp_path / "s" / "report").exists()
+
+
+def test_report_on_a_store_without_chunks_or_without_the_asked_maps_is_an_error(classes, tmp_path,
+                                                                                  capsys) -> None:
+    from lumos.dataset import Item, RunOptions, Store
+    from lumos.dataset.batch import spec_hash
+    from lumos.explainer import ExplainSpec
+
+    empty = tmp_path / "empty"
+    Store.open(empty, [Item(0, "x.png")], spec_hash(ExplainSpec(), RunOptions()),
+               {"methods": ["gradcam"], "target_kinds": ["predicted"]}, 1024)
+    code, _, err = _cli(capsys, "report", empty)
+    assert code == 1 and err.startswith(f"error: Nothing to report from {empty}: it holds no finished chunk")
+
+    flat = _flat(classes, tmp_path / "flat")
+    code, _, err = _cli(capsys, "explain-dataset", flat, "--store", tmp_path / "s", "--target", "both", *TINY)
+    assert code == 0, err
+    code, _, err = _cli(capsys, "report", tmp_path / "s", "--target", "label")
+    assert code == 1 and "no label-class map of gradcam (3 rows, 0 failed; an image without a label" in err
+    code, out, err = _cli(capsys, "report", tmp_path / "s")
+    assert code == 0 and (tmp_path / "s" / "report" / "report.png").exists(), err

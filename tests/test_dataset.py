@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,9 +188,15 @@ def test_a_store_being_written_is_refused_to_a_second_run(data, tmp_path) -> Non
 
 
 def test_unknown_label_and_topk_are_one_line_errors(data, tmp_path) -> None:
-    with pytest.raises(LumosError, match="Unknown class name 'zebra'"):
-        explain_dataset([Item(0, str(next((data / "disc").glob("0*.png"))), "zebra")], tiny_spec(data),
-                        tmp_path / "s", workers=0)
+    """An unknown label is an error when the target explains labels; otherwise it is kept as text, unused."""
+    image = str(next((data / "disc").glob("0*.png")))
+    with pytest.raises(LumosError, match=f"'zebra' \\(from the image {image}\\).*Unknown class name 'zebra'"):
+        explain_dataset([Item(0, image, "zebra")], tiny_spec(data), tmp_path / "s", workers=0,
+                        options=RunOptions(target="label"))
+    run = explain_dataset([Item(0, image, "zebra")], tiny_spec(data), tmp_path / "s1", workers=0)
+    assert run.unknown_labels == [("zebra", f"the image {image}")]
+    row = read_store(tmp_path / "s1").to_pandas().iloc[0]
+    assert row.label == "zebra" and pd.isna(row.label_index) and pd.isna(row.error) and row.map is not None
     spec = ExplainSpec(model=tiny_spec(data).model, target="topk:2")
     with pytest.raises(LumosError, match="one map per image"):
         explain_dataset([data], spec, tmp_path / "s2", options=RunOptions(target="class"), workers=0)

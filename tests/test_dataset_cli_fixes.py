@@ -118,3 +118,42 @@ def test_report_on_a_store_without_chunks_or_without_the_asked_maps_is_an_error(
     assert code == 1 and "no label-class map of gradcam (3 rows, 0 failed; an image without a label" in err
     code, out, err = _cli(capsys, "report", tmp_path / "s")
     assert code == 0 and (tmp_path / "s" / "report" / "report.png").exists(), err
+
+
+def _dated(src: Path, root: Path) -> Path:
+    """Images in a sub-folder that is not a class: ``root/2023/*.png``."""
+    _flat(src, root / "2023")
+    return root
+
+
+def test_a_non_class_sub_folder_is_no_error_when_the_target_needs_no_label(classes, tmp_path, capsys) -> None:
+    """photos/2023/*.png with the predicted target: explained, the folder name kept as text, one note naming
+    the folder (was: "Class index 2023 is out of range" and nothing explained)."""
+    photos = _dated(classes, tmp_path / "photos")
+    code, out, err = _cli(capsys, "explain-dataset", photos, "--store", tmp_path / "s", *TINY)
+    assert code == 0, err
+    rows = read_store(tmp_path / "s").to_pandas()
+    assert len(rows) == 3 and rows.error.isna().all() and rows["map"].notna().all()
+    assert set(rows.label) == {"2023"} and rows.label_index.isna().all()
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"'2023' (from the folder {photos / '2023'})" in notes[0], err
+    code, out, err = _cli(capsys, "report", tmp_path / "s")
+    assert code == 0, err
+
+
+def test_an_unknown_label_names_its_folder_or_list_line_when_the_target_needs_labels(classes, tmp_path,
+                                                                                    capsys) -> None:
+    photos = _dated(classes, tmp_path / "photos")
+    code, _, err = _cli(capsys, "explain-dataset", photos, "--store", tmp_path / "s", "--target", "both", *TINY)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: The label '2023' (from the folder {photos / '2023'}) is not a class of the model")
+    assert not (tmp_path / "s").exists()
+
+    files = sorted(classes.rglob("*.png"))[:3]
+    listing = tmp_path / "list.csv"
+    listing.write_text(f"# path,label\n{files[0]},disc\n{files[1]},zebra\n{files[2]},okapi\n")
+    code, _, err = _cli(capsys, "explain-dataset", listing, "--store", tmp_path / "s2", "--target", "label", *TINY,
+                        "--labels", classes / "labels.txt")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"The label 'zebra' (from {listing} line 3) is not a class" in err
+    assert f"1 other label(s) are not classes either: 'okapi' (from {listing} line 4)" in err

@@ -132,6 +132,12 @@ def explain_dataset(
                      ray={"address": address, "concurrency": concurrency, "num_gpus": num_gpus, "threads": threads})
     for path, why in result.problems:
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
+    if result.unknown_labels:
+        shown = ", ".join(f"'{label}' (from {source})" for label, source in result.unknown_labels[:3])
+        more = f" and {len(result.unknown_labels) - 3} more" if len(result.unknown_labels) > 3 else ""
+        err_console.print(f"note: {len(result.unknown_labels)} label(s) are not classes of the model, so they are "
+                          f"kept as text but not used (the report groups their images by the predicted class): "
+                          f"{shown}{more}", highlight=False, markup=False)
     errors, blank = _error_and_blank_rows(result.store)
     failed = f"; {errors} failed (rows with their error: unreadable, or a NaN score)" if errors else ""
     unlabelled = (f"; {result.unlabelled} without a label (their predicted-class map only)" if result.unlabelled

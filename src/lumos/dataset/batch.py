@@ -124,17 +124,29 @@ class BatchWorker:
         self.explainer = explainer if explainer is not None else Explainer(spec)
         self.decoder = Decoder(self.explainer.bundle.preprocess)
         self.labels = self.explainer.labels
-        self._label_cache: dict[str, int] = {}
+        self._label_cache: dict[str, int | None] = {}
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether the target explains labels (``label``, ``both``): then every label must be a class."""
+        return "label" in self.options.kinds
 
     def label_index(self, label: str | None) -> int | None:
-        """The class index of a label text (name or index), None without one; an unknown name is an error."""
+        """The class index of a label text (name or index), None without one. A label that is not a class is an
+        error when the target needs labels, else None (the text is kept in the row, e.g. a folder ``2023``)."""
         if label is None:
             return None
         if label not in self._label_cache:
-            self._label_cache[label] = self._find_label(label)
+            try:
+                self._label_cache[label] = self.find_label(label)
+            except LumosError:
+                if self.needs_labels:
+                    raise
+                self._label_cache[label] = None
         return self._label_cache[label]
 
-    def _find_label(self, label: str) -> int:
+    def find_label(self, label: str) -> int:
+        """The class index of a label text (name or index); one that is not a class is a :class:`LumosError`."""
         if self.labels is None:
             raise LumosError(f"Label '{label}' cannot be matched: the model has no class names (not a classifier).")
         if hasattr(self.labels, "index_of"):
@@ -142,6 +154,8 @@ class BatchWorker:
         text = label.strip()
         if text.isdigit() and int(text) < len(self.labels):
             return int(text)
+        if text not in list(self.labels):
+            raise LumosError(f"Unknown class name {text!r}.")
         return list(self.labels).index(text)
 
     def rows(self, batch: DecodedBatch) -> list[dict[str, Any]]:

@@ -23,7 +23,9 @@ ENGINES = ("local", "ray")
 @dataclass
 class DatasetRun:
     """What a run did: images in the data set, how many were explained now / found done, the problems met
-    while listing (path, why), and with target ``both`` how many images have no label (so no label map)."""
+    while listing (path, why), with target ``both`` how many images have no label (so no label map), and the
+    labels that are not classes of the model (label, where it came from): kept as text, not used, when the
+    target does not need labels."""
 
     store: Path
     images: int
@@ -31,6 +33,7 @@ class DatasetRun:
     skipped: int
     problems: list[tuple[str, str]] = field(default_factory=list)
     unlabelled: int = 0
+    unknown_labels: list[tuple[str, str]] = field(default_factory=list)
 
 
 def explain_dataset(
@@ -76,8 +79,14 @@ def explain_dataset(
                          "(give class sub-folders, a list file with labels or a table with a 'label' column, or use "
                          "target predicted).")
     worker = BatchWorker(spec, options, explainer)  # loads the model: layer, class and labels checked before any work
-    for label in dict.fromkeys(it.label for it in items if it.label is not None):
-        worker.label_index(label)
+    unknown = _unknown_labels(worker, items)
+    if unknown and worker.needs_labels:
+        (label, source, why), more = unknown[0], unknown[1:]
+        others = f" {len(more)} other label(s) are not classes either: {_listed(more)}." if more else ""
+        why = why.strip() + ("" if why.strip().endswith((".", "?", "!")) else ".")
+        raise LumosError(f"The label '{label}' (from {source}) is not a class of the model: {why} Target "
+                         f"'{options.target}' explains each image's label, so every label must be a class name or "
+                         f"index of the model (target 'predicted' needs no label).{others}")
     meta = {"spec_text": _spec_text(spec, options), "spec": repr(spec), "options": repr(options),
             "map_dtype": options.map_dtype, "methods": spec.method_names, "target_kinds": list(options.kinds),
             "labels": None if worker.labels is None else list(worker.labels)}
@@ -98,7 +107,29 @@ def explain_dataset(
 
             run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
     unlabelled = sum(it.label is None for it in items) if options.target == "both" else 0
-    return DatasetRun(st.root, len(items), todo, len(items) - todo, problems, unlabelled)
+    return DatasetRun(st.root, len(items), todo, len(items) - todo, problems, unlabelled,
+                      [(label, source) for label, source, _ in unknown])
+
+
+def _unknown_labels(worker: BatchWorker, items: Sequence[Item]) -> list[tuple[str, str, str]]:
+    """The labels that are not classes of the model: (label, where it first came from, why), in item order."""
+    first: dict[str, Item] = {}
+    for it in items:
+        if it.label is not None:
+            first.setdefault(it.label, it)
+    unknown = []
+    for label, item in first.items():
+        try:
+            worker.find_label(label)
+        except LumosError as err:
+            unknown.append((label, item.source or f"the image {item.path}", str(err)))
+    return unknown
+
+
+def _listed(unknown: Sequence[tuple[str, str, str]], n: int = 3) -> str:
+    """'a' (from X), 'b' (from Y), ... for a message."""
+    text = ", ".join(f"'{label}' (from {source})" for label, source, _ in unknown[:n])
+    return text + (f" and {len(unknown) - n} more" if len(unknown) > n else "")
 
 
 def _spec_text(spec: ExplainSpec, options: RunOptions) -> str:

@@ -8,7 +8,7 @@ import torch
 
 import lumos
 from lumos.errors import LumosError
-from tests.nets import GapNet, images
+from nets import GapNet, images
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from torch import nn
 import lumos
 from lumos.errors import LumosError
 from lumos.explanation import finish_maps, normalize_maps, upsample, upsample_minmax
-from tests.nets import GapNet, images
+from nets import GapNet, images
 
 
 class PointwiseNet(nn.Module):

@@ -156,7 +156,7 @@ def explain(
 ) -> None:
     """Explain images: write one overlay per image and method, print the top-3 predictions."""
     from lumos.io import find_images, load_image
-    from lumos.runner import SAVE_FORMATS, explain_images, parse_list, write_gallery
+    from lumos.runner import SAVE_FORMATS, WHOLE_RUN_WRITE_ERRORS, explain_images, parse_list, write_gallery
 
     if task != "classification":
         _explain_task(task, images, model, method, out)
@@ -196,8 +196,12 @@ def explain(
             scale=scale, captions=captions,
         )
     if gallery and report.results:
-        with _writing(out):
+        try:
             report.written.append(write_gallery(report, out / "gallery.png", methods))
+        except OSError as err:  # one failure line with the others, after the summary's files are counted
+            if err.errno in WHOLE_RUN_WRITE_ERRORS:
+                raise LumosError(f"Cannot write {out / 'gallery.png'}: {err.strerror or err}.") from None
+            report.write_failed(out / "gallery.png", err)
     failures += report.failures
     for _, reason in failures:
         err_console.print(f"error: {_cli_wording(reason)}", highlight=False, markup=False)

@@ -85,6 +85,7 @@ def evaluate(
         if images:
             raise LumosError("Give either image files or --benchmark, not both.")
 
+        _check_fits(n)
         net = "tinycnn" if model == "efficientnet_lite0" else model.lower()  # the zoo default means TinyCNN here
         if net not in SYNTHETIC_MODELS:
             raise LumosError(f"--benchmark synthetic runs --model {' or '.join(SYNTHETIC_MODELS)}, not '{model}'.")
@@ -156,6 +157,21 @@ def evaluate(
                       + (f"; {len(bad_inputs)} input(s) failed" if bad_inputs else ""), highlight=False)
     if bad_inputs:
         raise typer.Exit(1)
+
+
+def _check_fits(n: int) -> None:
+    """A one-line error when ``n`` synthetic images (64 x 64 RGB float32 and a mask each) cannot fit in the
+    memory this machine has free (where it says; a MemoryError traceback otherwise)."""
+    import os
+
+    per_image = 3 * 64 * 64 * 4 + 64 * 64
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return
+    if n * per_image > free:
+        raise LumosError(f"--n {n} synthetic images need {n * per_image / 2**30:.1f} GiB; this machine has "
+                         f"{free / 2**30:.1f} GiB free. Use --n {max(1, free // per_image // 2)} or fewer.")
 
 
 def _how(names: list[str]) -> str:

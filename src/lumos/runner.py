@@ -6,6 +6,7 @@ a failure and the others still go through.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -81,6 +82,10 @@ def _background_priority() -> None:
             log.debug("writer thread priority unchanged: %s", err)
 
 
+#: Write errors that stop a run (every later file would fail too); others fail their own file only
+WHOLE_RUN_WRITE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
 @dataclass
 class RunReport:
     """Outcome of a run: results per image, failures (name, reason) and files written; ``scale`` and
@@ -93,24 +98,30 @@ class RunReport:
     blank: dict[str, list[str]] = field(default_factory=dict)  # method -> "image (class)" of maps zero everywhere
     scale: str = DEFAULT_SCALE
     colormap: str = "jet"
-    _pending: list[Future] = field(default_factory=list, repr=False)
+    _pending: list[tuple[Future, Path | None]] = field(default_factory=list, repr=False)
     _writer: ThreadPoolExecutor | None = field(default=None, repr=False)
     _drawn: list[tuple[list, int, Future]] = field(default_factory=list, repr=False)
 
-    def _submit(self, job: Callable[..., object], *args: object) -> Future:
+    def _submit(self, job: Callable[..., object], path: Path | None, *args: object) -> Future:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lumos-writer",
                                               initializer=_background_priority)
         future = self._writer.submit(job, *args)
-        self._pending.append(future)
+        self._pending.append((future, path))
         return future
 
     def write(self, path: Path, save: Callable[[Path], object]) -> None:
         """Encode and write a file on one of two background threads (PNG and .npy encoding release the GIL, so
         it overlaps the next batch's model work, and the last batch's files are written two at a time);
-        :meth:`wait` re-raises the first failure."""
-        self._submit(save, path)
+        a file that cannot be written becomes a failure in :meth:`wait`."""
+        self._submit(save, path, path)
         self.written.append(path)
+
+    def write_failed(self, path: Path, err: OSError) -> None:
+        """A file that could not be written: one failure line, and it is not counted as written."""
+        self.failures.append((str(path), f"Cannot write {path}: {err.strerror or err}."))
+        if path in self.written:
+            self.written.remove(path)
 
     def draw(self, slot: list, k: int, draw: Callable[[], Image.Image], path: Path | None = None) -> None:
         """Draw a picture (and write it as PNG to ``path``) on a background thread; :meth:`wait` puts it in
@@ -121,14 +132,14 @@ class RunReport:
                 picture.save(path, compress_level=1, compress_type=HUFFMAN_ONLY)
             return picture
 
-        self._drawn.append((slot, k, self._submit(job)))
+        self._drawn.append((slot, k, self._submit(job, path)))
         if path is not None:
             self.written.append(path)
 
     def wait(self) -> None:
         """Wait for every pending picture and write; the first failed one raises (after all have finished)."""
         pending, self._pending = self._pending, []
-        errors = [f.exception() for f in pending]
+        errors = [(f.exception(), path) for f, path in pending]
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
@@ -136,7 +147,11 @@ class RunReport:
         for slot, k, future in drawn:
             if future.exception() is None:
                 slot[k] = future.result()
-        first = next((e for e in errors if e is not None), None)
+        alone = [(e, p) for e, p in errors
+                 if p is not None and isinstance(e, OSError) and e.errno not in WHOLE_RUN_WRITE_ERRORS]
+        for err, path in alone:  # a file that cannot be written fails alone; the others are kept
+            self.write_failed(path, err)
+        first = next((e for e, path in errors if e is not None and (e, path) not in alone), None)
         if first is not None:
             raise first
 
@@ -418,8 +433,14 @@ def _run_batch(batch, explainer, out, save, colormap, alpha, report, on_image, o
 
                 if captions and path is not None:  # matplotlib figures are drawn on this thread
                     slot[k] = draw()
-                    picture(slot[k], res.captions[method][k], color_scale(s.mode, s.kind, s.signed, colormap), out=path)
-                    report.written.append(path)
+                    try:
+                        picture(slot[k], res.captions[method][k], color_scale(s.mode, s.kind, s.signed, colormap),
+                                out=path)
+                        report.written.append(path)
+                    except OSError as err:
+                        if err.errno in WHOLE_RUN_WRITE_ERRORS:
+                            raise
+                        report.write_failed(path, err)
                 else:
                     report.draw(slot, k, draw, path)
         res.drawing.clear()

@@ -1,0 +1,58 @@
+"""A file that cannot be written, or a benchmark too big for memory: one line each, the rest of the run kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lumos.cli import main
+
+MODEL = ["--model", "nets:GapNet", "--size", "32", "--method", "gradcam"]
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b"):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+def _run(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+@pytest.mark.parametrize("extra", [[], ["--captions"]])
+def test_an_overlay_that_cannot_be_written_fails_alone(capsys, tmp_path, photos, extra):
+    out = tmp_path / "out"
+    (out / "a_gradcam.png").mkdir(parents=True)  # a folder where the first overlay should go
+    code, stdout, err = _run(capsys, "explain", *photos, *MODEL, "--out", out, *extra)
+    assert code == 1
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: Cannot write {out / 'a_gradcam.png'}: Is a directory."]
+    assert (out / "b_gradcam.png").is_file()
+    assert "Explained 2 image(s) with 1 method(s): 1 file(s) in" in stdout and "; 1 failed" in stdout
+
+
+def test_a_gallery_that_cannot_be_written_is_counted_as_failed(capsys, tmp_path, photos):
+    out = tmp_path / "out"
+    (out / "gallery.png").mkdir(parents=True)
+    code, stdout, err = _run(capsys, "explain", *photos, *MODEL, "--out", out, "--gallery")
+    assert code == 1 and f"error: Cannot write {out / 'gallery.png'}: Is a directory." in err
+    assert "2 file(s) in" in stdout and (out / "a_gradcam.png").is_file()
+
+
+def test_a_synthetic_benchmark_bigger_than_memory_is_one_line(capsys, tmp_path):
+    code, _, err = _run(capsys, "evaluate", "--benchmark", "synthetic", "--n", "100000000000",
+                        "--method", "gradcam", "--out", tmp_path / "ev")
+    assert code == 2 and err.startswith("error: --n 100000000000 synthetic images need")
+    assert "GiB free. Use --n" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()

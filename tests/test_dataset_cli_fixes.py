@@ -157,3 +157,24 @@ def test_an_unknown_label_names_its_folder_or_list_line_when_the_target_needs_la
     assert code == 2 and len(err.splitlines()) == 1, err
     assert f"The label 'zebra' (from {listing} line 3) is not a class" in err
     assert f"1 other label(s) are not classes either: 'okapi' (from {listing} line 4)" in err
+
+
+def test_the_summary_names_the_first_failed_images_and_where_the_rest_are(classes, tmp_path, capsys) -> None:
+    folder = _flat(classes, tmp_path / "many", n=2)
+    for k in range(7):
+        (folder / f"bad{k}.png").write_text("not an image")
+    store = tmp_path / "s"
+    code, out, err = _cli(capsys, "explain-dataset", folder, "--store", store, *TINY)
+    assert code == 1 and "7 failed" in out, (out, err)
+    failed = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 5, err
+    for k, line in enumerate(failed):  # in store order, each with its reason
+        assert str(folder / f"bad{k}.png") in line and "not a recognised image format" in line, line
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: 2 more failed image(s); every failed image is a row of "
+                                                   f"{store} with its 'error'"), err
+    rows = read_store(store).to_pandas()
+    assert sorted(rows[rows.error.notna()].path) == sorted(str(folder / f"bad{k}.png") for k in range(7))
+
+    code, out, err = _cli(capsys, "explain-dataset", folder, "--store", store, *TINY)  # resumed: still said
+    assert code == 1 and len([line for line in err.splitlines() if line.startswith("failed: ")]) == 5

@@ -138,12 +138,13 @@ def explain_dataset(
         err_console.print(f"note: {len(result.unknown_labels)} label(s) are not classes of the model, so they are "
                           f"kept as text but not used (the report groups their images by the predicted class): "
                           f"{shown}{more}", highlight=False, markup=False)
-    errors, blank = _error_and_blank_rows(result.store)
+    errors, blank, failed_images = _error_and_blank_rows(result.store)
     failed = f"; {errors} failed (rows with their error: unreadable, or a NaN score)" if errors else ""
     unlabelled = (f"; {result.unlabelled} without a label (their predicted-class map only)" if result.unlabelled
                   else "")
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "
                       f"{result.skipped} already done{unlabelled}{failed}", highlight=False)
+    _say_failed(failed_images, result.store)
     if blank:
         from lumos.engine import BLANK_REASON
 
@@ -155,16 +156,35 @@ def explain_dataset(
         raise typer.Exit(1)
 
 
-def _error_and_blank_rows(store: Path) -> tuple[int, int]:
-    """Error rows (unreadable images, NaN scores), and rows whose map is zero everywhere."""
+def _error_and_blank_rows(store: Path) -> tuple[int, int, list[tuple[str, str]]]:
+    """Error rows (unreadable images, NaN scores), rows whose map is zero everywhere, and the failed images
+    (path, the first error of each) in store order."""
     import pyarrow.compute as pc
 
     from lumos.dataset import read_store
 
-    table = read_store(store, columns=["error", "map_lo", "map_hi"])
+    table = read_store(store, columns=["path", "error", "map_lo", "map_hi"])
     ok = pc.is_null(table.column("error"))
     zero = pc.and_(pc.equal(table.column("map_lo"), 0), pc.equal(table.column("map_hi"), 0))
-    return table.num_rows - table.column("error").null_count, int(pc.sum(pc.and_(ok, zero)).as_py() or 0)
+    bad = table.filter(pc.invert(ok)).select(["path", "error"]).to_pylist()
+    failed: dict[str, str] = {}
+    for r in bad:
+        failed.setdefault(r["path"], r["error"])
+    return len(bad), int(pc.sum(pc.and_(ok, zero)).as_py() or 0), list(failed.items())
+
+
+def _say_failed(failed: list[tuple[str, str]], store: Path, show: int = 5) -> None:
+    """The first ``show`` failed images with their one-line reason, and where all of them are."""
+    from lumos.cli_common import err_console
+
+    if not failed:
+        return
+    for path, error in failed[:show]:
+        why = " ".join(str(error).split())
+        err_console.print(f"failed: {why if path in why else f'{path}: {why}'}", highlight=False, markup=False)
+    more = f"{len(failed) - show} more failed image(s); " if len(failed) > show else ""
+    err_console.print(f"note: {more}every failed image is a row of {store} with its 'error' (lumos.dataset."
+                      f"read_store, or pandas.read_parquet('{store / 'chunks'}'))", highlight=False, markup=False)
 
 
 def report_command(

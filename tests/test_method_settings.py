@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from PIL import Image
 
 import lumos
+from lumos.cli import main
 from lumos.method_settings import accepted, parse_settings, parse_value
 
 
@@ -39,3 +41,42 @@ def test_smoothgrad_takes_its_base_methods_settings():
 def test_errors(items, message):
     with pytest.raises(lumos.LumosError, match=message):
         parse_settings(items, ["gradcam", "integrated_gradients"])
+
+
+def test_a_refused_setting_is_named_alone_with_how_to_prefix_it():
+    # baseline=black,blur goes to both methods (Score-CAM has a numeric baseline); max_channels is fine.
+    with pytest.raises(lumos.LumosError) as info:
+        parse_settings(["baseline=black,blur", "max_channels=64"], ["integrated_gradients", "scorecam"])
+    message = str(info.value)
+    assert "scorecam does not accept the settings baseline=['black', 'blur']" in message
+    assert "max_channels" not in message
+    assert "--set integrated_gradients.baseline=black,blur" in message
+    # The prefixed form the message suggests is accepted.
+    got = parse_settings(["integrated_gradients.baseline=black,blur", "max_channels=64"],
+                         ["integrated_gradients", "scorecam"])
+    assert got == {"integrated_gradients": {"baseline": ["black", "blur"]}, "scorecam": {"max_channels": 64}}
+
+
+def test_a_refused_setting_of_one_method_is_named_alone():
+    with pytest.raises(lumos.LumosError, match="steps=-1") as info:
+        parse_settings(["tolerance=0", "steps=-1"], ["integrated_gradients"])
+    assert "tolerance" not in str(info.value) and "prefix" not in str(info.value)
+
+
+def test_no_prefix_hint_when_no_method_takes_the_value():
+    with pytest.raises(lumos.LumosError, match="scorecam does not accept the settings baseline='black'") as info:
+        parse_settings(["baseline=black"], ["scorecam", "rise"])
+    assert "prefix" not in str(info.value)
+
+
+def test_cli_names_only_the_refused_setting(capsys, tmp_path):
+    image = tmp_path / "cat.png"
+    Image.new("RGB", (32, 32)).save(image)
+    code = main(["explain", str(image), "--method", "integrated_gradients,scorecam", "--set", "baseline=black,blur",
+                 "--set", "max_channels=64", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: scorecam does not accept the settings baseline="), err
+    assert "max_channels" not in err and "--set integrated_gradients.baseline=black,blur" in err
+    assert not (tmp_path / "o").exists()

@@ -31,8 +31,8 @@ ProbsOpt = Annotated[str, typer.Option(
     help="How class probabilities come from the output; auto: the model's own sigmoid/softmax if it ends in "
     "one, else softmax (sigmoid for a single output).")]
 SettingsOpt = Annotated[list[str] | None, typer.Option(
-    "--set", metavar="KEY=VALUE", help="Method setting KEY=VALUE or METHOD.KEY=VALUE, repeatable (e.g. steps=128, "
-    "integrated_gradients.baseline=black,blur).")]
+    "--set", metavar="KEY=VALUE", help="Method setting, repeatable: KEY=VALUE (every chosen method that has KEY) or "
+    "METHOD.KEY=VALUE (that method only), e.g. steps=128, integrated_gradients.baseline=black,blur.")]
 
 # Shown for an option without its own metavar, by the type of its value.
 _KIND_METAVARS = {str: "TEXT", int: "INTEGER", float: "NUMBER", Path: "PATH"}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from lumos.errors import LumosError, close_matches
-from lumos.explainer import _OBJECTS
+from lumos.explainer import _OBJECTS, build_method, check_setting_types
 from lumos.explainer import accepted_settings as accepted
 from lumos.methods import method_class
 
@@ -41,9 +43,10 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
         if not sep or not key.strip():
             raise LumosError(f"--set expects KEY=VALUE or METHOD.KEY=VALUE, got {item!r}.")
         scope, dot, key = key.strip().rpartition(".")
-        pairs.append((method_class(scope).name if dot else None, key, parse_value(value)))
-    bases = {scope or "smoothgrad": v for scope, k, v in pairs if k == "base" and isinstance(v, str)}
-    for scope, key, value in pairs:
+        pairs.append((method_class(scope).name if dot else None, key, value.strip(), parse_value(value)))
+    bases = {scope or "smoothgrad": v for scope, k, _, v in pairs if k == "base" and isinstance(v, str)}
+    shared: dict[tuple[str, str], tuple[str, list[str]]] = {}  # (method, key) -> (text, takers) of a KEY=VALUE
+    for scope, key, text, value in pairs:
         if scope is not None and scope not in out:
             raise LumosError(f"--set {scope}.{key}: {scope} is not among the methods ({', '.join(names)}).")
         targets = [scope] if scope else names
@@ -54,4 +57,52 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
                              f"{close_matches(key, known)} Settings: {', '.join(known)}.")
         for m in takers:
             out[m][key] = value
+            if scope is None and len(takers) > 1:
+                shared[m, key] = (text, takers)
+            else:
+                shared.pop((m, key), None)
+    for m in out:
+        _check_values(m, out, shared)
     return out
+
+
+def _check(name: str, kwargs: dict[str, Any]) -> None:
+    """Raise the one-line LumosError method ``name`` gives for ``kwargs`` (constructors do no model work)."""
+    check_setting_types({name: kwargs})
+    build_method(name, nn.Identity(), "auto", None, kwargs)
+
+
+def _check_values(name: str, out: dict[str, dict[str, Any]],
+                  shared: dict[tuple[str, str], tuple[str, list[str]]]) -> None:
+    """Check method ``name``'s settings ``out[name]``; when they fail, name the setting at fault (not every
+    setting the method was given) and, for a ``KEY=VALUE`` that went to several methods, how to prefix it."""
+    kwargs = out[name]
+    try:
+        _check(name, kwargs)
+    except LumosError as whole:
+        for key, value in kwargs.items():
+            try:
+                _check(name, _alone(name, key, value, kwargs))
+            except LumosError as alone:
+                hint = ""
+                text, takers = shared.get((name, key), ("", []))
+                fine = [m for m in takers if m != name and _accepts(m, key, value, out[m])]
+                if fine:
+                    hint = (f" --set {key}=... goes to every chosen method that has {key} ({', '.join(takers)});"
+                            f" prefix it with the method it is for: --set {fine[0]}.{key}={text}.")
+                raise LumosError(f"{str(alone).rstrip('.')}.{hint}") from None
+        raise whole from None  # only the combination fails: the message names every setting
+
+
+def _alone(name: str, key: str, value: Any, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``{key: value}``, with smoothgrad's ``base`` (which decides the settings it takes)."""
+    base = (kwargs or {}).get("base")
+    return {key: value} if base is None or key == "base" else {"base": base, key: value}
+
+
+def _accepts(name: str, key: str, value: Any, kwargs: dict[str, Any]) -> bool:
+    try:
+        _check(name, _alone(name, key, value, kwargs))
+    except LumosError:
+        return False
+    return True

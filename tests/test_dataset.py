@@ -155,7 +155,7 @@ def test_a_changed_spec_is_refused_unless_restarted(data, tmp_path) -> None:
     store = tmp_path / "store"
     items = [Item(i, str(p)) for i, p in enumerate(sorted((data / "disc").glob("0*.png"))[:3])]
     explain_dataset(items, tiny_spec(data), store, workers=0)
-    with pytest.raises(LumosError, match="another spec.*--restart"):
+    with pytest.raises(LumosError, match=r"made with methods gradcam \(now gradcam\+\+\); use --restart"):
         explain_dataset(items, tiny_spec(data, methods=("gradcam++",)), store, workers=0)
     with pytest.raises(LumosError, match="other images"):
         explain_dataset(items[:2], tiny_spec(data), store, workers=0)

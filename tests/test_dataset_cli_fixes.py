@@ -178,3 +178,67 @@ def test_the_summary_names_the_first_failed_images_and_where_the_rest_are(classe
 
     code, out, err = _cli(capsys, "explain-dataset", folder, "--store", store, *TINY)  # resumed: still said
     assert code == 1 and len([line for line in err.splitlines() if line.startswith("failed: ")]) == 5
+
+
+def test_resuming_with_another_chunk_size_names_it_with_both_values(classes, tmp_path, capsys) -> None:
+    """Was: "made with another spec (model ..., maps uint8, now model ..., maps uint8)", the same text twice."""
+    flat = _flat(classes, tmp_path / "flat")
+    store = tmp_path / "s"
+    code, _, err = _cli(capsys, "explain-dataset", flat, "--store", store, "--chunk-size", "2", *TINY)
+    assert code == 0, err
+    code, _, err = _cli(capsys, "explain-dataset", flat, "--store", store, "--chunk-size", "3", *TINY)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: The store {store} was made with chunk size 2 (now 3); use --restart"), err
+    code, _, err = _cli(capsys, "explain-dataset", flat, "--store", store, "--chunk-size", "2", "--map-dtype",
+                        "float16", "--method", "gradcam,scorecam", "--set", "scorecam.max_channels=4", *TINY)
+    assert code == 2 and ("made with methods gradcam (now gradcam,scorecam), method settings default (now "
+                          "'scorecam: max_channels=4'), map precision uint8 (now float16);") in err, err
+    code, out, err = _cli(capsys, "explain-dataset", flat, "--store", store, "--chunk-size", "2", *TINY)
+    assert code == 0 and "0 processed now, 3 already done" in out, err
+
+
+def test_every_setting_of_the_spec_hash_is_named(classes) -> None:
+    """Each field the store's spec hash covers changes a named setting, so a refusal can always say which."""
+    from dataclasses import fields, replace
+
+    from lumos.dataset import RunOptions
+    from lumos.dataset.batch import run_settings, spec_hash
+    from lumos.explainer import ExplainSpec, MethodSpec, ModelSpec
+
+    spec, options = ExplainSpec(model=ModelSpec("lumos.synthetic:load_tinycnn")), RunOptions()
+    changes = {"weights": "w.pt", "size": 32, "mean": (0.1,), "std": (0.2,), "labels": "l.txt", "name": "other"}
+    assert set(changes) == {f.name for f in fields(ModelSpec)}
+    variants = [replace(spec, model=replace(spec.model, **{k: v})) for k, v in changes.items()]
+    variants += [replace(spec, methods=(MethodSpec("gradients"),)), replace(spec, layer="conv2"),
+                 replace(spec, output=0), replace(spec, probs="sigmoid"), replace(spec, top_k=5),
+                 replace(spec, methods=(MethodSpec("scorecam", (("max_channels", 4),)),))]
+    seen = {f.name for f in fields(ExplainSpec)} - {"model", "methods", "layer", "output", "probs", "top_k"}
+    assert seen == {"target", "settings", "device"}  # target: below; settings merge into methods; device: not hashed
+    base = run_settings(spec, options)
+    for other, opts in [(v, options) for v in variants] + [
+            (spec, RunOptions(chunk_size=7)), (spec, RunOptions(map_dtype="float32")), (spec, RunOptions(map_size=4)),
+            (spec, RunOptions(target="both")), (replace(spec, target=2), RunOptions(target="class"))]:
+        assert spec_hash(other, opts) != spec_hash(spec, options)
+        assert run_settings(other, opts) != base, (other, opts)
+
+
+def test_a_store_written_before_settings_were_recorded_still_names_the_chunk_size(classes, tmp_path) -> None:
+    import json
+
+    from lumos.dataset import Item, RunOptions, explain_dataset
+    from lumos.errors import LumosError
+    from lumos.explainer import ExplainSpec, ModelSpec
+
+    spec = ExplainSpec(model=ModelSpec("lumos.synthetic:load_tinycnn", size=64, mean=(0.0,), std=(1.0,)))
+    items = [Item(i, str(p)) for i, p in enumerate(sorted(classes.rglob("*.png"))[:2])]
+    explain_dataset(items, spec, tmp_path / "s", options=RunOptions(chunk_size=1), workers=0)
+    manifest = tmp_path / "s" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    del old["settings"]
+    manifest.write_text(json.dumps(old))
+    with pytest.raises(LumosError, match=r"made with chunk size 1 \(now 2\); use --restart"):
+        explain_dataset(items, spec, tmp_path / "s", options=RunOptions(chunk_size=2), workers=0)
+    with pytest.raises(LumosError, match=r"made with another spec \(model .*methods gradcam,.*now .*methods "
+                                         r"gradients,"):
+        explain_dataset(items, ExplainSpec(model=spec.model, methods=("gradients",)), tmp_path / "s",
+                        options=RunOptions(chunk_size=1), workers=0)

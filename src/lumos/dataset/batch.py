@@ -63,6 +63,22 @@ def spec_hash(spec: ExplainSpec, options: RunOptions) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def run_settings(spec: ExplainSpec, options: RunOptions) -> dict[str, str | None]:
+    """The settings :func:`spec_hash` covers, by name, as text (None: not given), for saying which one differs."""
+    model = spec.model
+    target = spec.target if options.target == "class" else options.target
+    kwargs = "; ".join(f"{m.name}: " + ", ".join(f"{k}={v!r}" for k, v in m.settings) for m in spec.methods
+                       if m.settings)
+    named: dict[str, Any] = {
+        "model": model.name, "weights": model.weights, "input size": model.size, "mean": model.mean,
+        "std": model.std, "labels": model.labels, "methods": ",".join(spec.method_names),
+        "method settings": kwargs or None, "target": target, "layer": spec.layer, "output": spec.output,
+        "probs": spec.probs, "top-k": spec.top_k, "map precision": options.map_dtype, "map size": options.map_size,
+        "chunk size": options.chunk_size,
+    }
+    return {k: None if v is None else str(v) for k, v in named.items()}
+
+
 def check_spec(spec: ExplainSpec, options: RunOptions) -> None:
     """A data set run keeps one map per image and target kind: top-k targets are refused, a fixed class goes
     with the ``class`` mode."""

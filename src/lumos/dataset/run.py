@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lumos.dataset.batch import BatchWorker, RunOptions, spec_hash
+from lumos.dataset.batch import BatchWorker, RunOptions, run_settings, spec_hash
 from lumos.dataset.sources import Item, list_items
 from lumos.dataset.store import Store, chunk_ranges, store_lock
 from lumos.errors import LumosError
@@ -87,7 +87,8 @@ def explain_dataset(
         raise LumosError(f"The label '{label}' (from {source}) is not a class of the model: {why} Target "
                          f"'{options.target}' explains each image's label, so every label must be a class name or "
                          f"index of the model (target 'predicted' needs no label).{others}")
-    meta = {"spec_text": _spec_text(spec, options), "spec": repr(spec), "options": repr(options),
+    meta = {"spec_text": _spec_text(spec, options), "settings": run_settings(spec, options), "spec": repr(spec),
+            "options": repr(options),
             "map_dtype": options.map_dtype, "methods": spec.method_names, "target_kinds": list(options.kinds),
             "labels": None if worker.labels is None else list(worker.labels)}
     with store_lock(store):  # one run writes a store at a time

@@ -136,12 +136,24 @@ class Store:
 
     @staticmethod
     def _difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+        """How the store's manifest ``old`` differs from this run's ``new`` ("" if it does not), naming the
+        settings that differ with both values."""
         if old.get("spec_hash") != new["spec_hash"]:
-            return f"with another spec ({old.get('spec_text', '?')}, now {new.get('spec_text', '?')})"
+            then, now = old.get("settings"), new.get("settings")
+            if isinstance(then, dict) and isinstance(now, dict):
+                changed = [f"{k} {_shown(then.get(k))} (now {_shown(now.get(k))})"
+                           for k in dict.fromkeys([*then, *now]) if then.get(k) != now.get(k)]
+                if changed:
+                    return "with " + ", ".join(changed)
+            if old.get("chunk_size") != new["chunk_size"]:  # a store written before settings were recorded
+                return f"with chunk size {old.get('chunk_size')} (now {new['chunk_size']})"
+            if old.get("spec_text") != new.get("spec_text"):
+                return f"with another spec ({old.get('spec_text', '?')}, now {new.get('spec_text', '?')})"
+            return "with other settings (this store does not record which)"
         if old.get("items") != new["items"] or old.get("items_fingerprint") != new["items_fingerprint"]:
             return f"for other images ({old.get('items')} then, {new['items']} now, or other paths or labels)"
         if old.get("chunk_size") != new["chunk_size"]:
-            return f"with chunks of {old.get('chunk_size')} images (now {new['chunk_size']})"
+            return f"with chunk size {old.get('chunk_size')} (now {new['chunk_size']})"
         return ""
 
     def _clear(self) -> None:
@@ -215,6 +227,11 @@ def store_lock(root: str | os.PathLike[str]) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _shown(value: Any) -> str:
+    """A setting's value in a message: quoted text, or ``default`` when it was not given."""
+    return "default" if value is None else repr(value) if isinstance(value, str) and " " in value else str(value)
 
 
 def _refuse_foreign(root: Path) -> None:

@@ -419,3 +419,15 @@ def test_thread_count():
     assert logic.thread_count(None, 16) == 4
     assert logic.thread_count("3", 2) == 3
     assert logic.thread_count("x", None) == 1
+
+
+def test_the_app_finds_a_model_module_in_the_folder_it_was_started_in(tmp_path, monkeypatch):
+    """`lumos app -m appnets:build` from the folder holding appnets.py, as `lumos explain` does."""
+    (tmp_path / "appnets.py").write_text(
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "appnets", raising=False)
+    bundle = logic.load_bundle(logic.AppConfig(model="appnets:build", size=32, device="cpu"))
+    assert isinstance(bundle.model[-1], torch.nn.Linear) and bundle.model[-1].out_features == 3

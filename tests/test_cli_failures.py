@@ -56,3 +56,23 @@ def test_a_synthetic_benchmark_bigger_than_memory_is_one_line(capsys, tmp_path):
     assert code == 2 and err.startswith("error: --n 100000000000 synthetic images need")
     assert "GiB free. Use --n" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ev").exists()
+
+
+def test_lumos_methods_gives_each_method_a_whole_sentence(capsys):
+    from lumos.api import methods
+
+    code, out, _ = _run(capsys, "methods")
+    assert code == 0
+    entries: dict[str, str] = {}
+    name = None
+    for line in out.splitlines():  # a wrapped description continues under its own column
+        first, _, rest = line.partition("  ")
+        if first.strip():
+            name = first.strip()
+            entries[name] = rest.strip()
+        else:
+            entries[name] += " " + line.strip()
+    assert list(entries) == methods()
+    for name, text in entries.items():
+        assert text.endswith(".") and not text.endswith("et al."), (name, text)
+    assert "R += A_bar @ R." in entries["grad_rollout"]

@@ -338,9 +338,22 @@ def list_methods() -> None:
     from lumos.api import method_class, methods
 
     width = max(map(len, methods()))
-    for name in methods():
-        doc = (method_class(name).__doc__ or "").strip().splitlines()[0]
-        out_console.print(f"{name:<{width}}  {doc}", highlight=False)
+    for name in methods():  # one line each, whole sentences (grep-able; the terminal wraps)
+        out_console.print(f"{name:<{width}}  {first_sentence(method_class(name).__doc__ or '')}", highlight=False,
+                          soft_wrap=True)
+
+
+def first_sentence(doc: str) -> str:
+    """A docstring's opening sentence: its first lines up to the one ending in a full stop (a summary may wrap
+    over several source lines; "et al." inside a line does not end it)."""
+    lines = []
+    for line in doc.strip().splitlines():
+        if not line.strip():
+            break
+        lines.append(line.strip())
+        if line.rstrip().endswith("."):
+            break
+    return " ".join(lines)
 
 
 @app.command()

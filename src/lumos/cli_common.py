@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -38,15 +37,6 @@ def _floats(text: str | None) -> tuple[float, ...] | None:
         raise LumosError(f"Expected numbers separated by commas, got '{text}'.") from None
 
 
-def importable_from_here(model: str) -> None:
-    """For ``--model package.module:callable``: let Python find the module in the current folder, as
-    ``python -m`` would (appended to ``sys.path``, so an installed package of the same name still wins)."""
-    if ":" in model and not Path(model).exists():
-        here = os.getcwd()
-        if here not in sys.path and "" not in sys.path:
-            sys.path.append(here)
-
-
 def _load(model: str, weights: Path | None, size: int | None, mean: str | None, std: str | None,
           labels: Path | None, device: str | None = None):
     """The model bundle for a command, moved to ``device`` (``--device``, checked before the model loads)."""
@@ -58,7 +48,7 @@ def _load_parsed(model: str, weights: str | Path | None, size: int | None, mean:
     """:func:`_load` with the normalisation already parsed (as an ``ExplainSpec``'s ``ModelSpec`` holds it)."""
     import torch
 
-    from lumos.zoo import load_model
+    from lumos.zoo import importable_from_here, load_model
 
     where = None if device is None else resolve_device(device)
     importable_from_here(model)

@@ -121,9 +121,10 @@ def load_bundle(config: AppConfig):
 
     A TorchScript file is refused before it is read (no hooks on a ScriptModule, and loading runs its code).
     """
-    from lumos.zoo import load_model
+    from lumos.zoo import importable_from_here, load_model
 
     device = resolve_device(config.device)  # a bad --device fails before the model is read
+    importable_from_here(config.model)  # a module in the folder `lumos app` was started in, as for explain
     bundle = load_model(config.model, weights=config.weights, size=config.size, mean=config.mean,
                         std=config.std, labels=config.labels, torchscript=False)
     if isinstance(bundle.model, torch.jit.ScriptModule):

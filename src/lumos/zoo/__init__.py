@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import re
+import sys
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
@@ -278,6 +279,15 @@ def _load_torchscript(path: Path) -> nn.Module:
             f"{path} is not a TorchScript file ({first}); save models with torch.jit.save, or load a "
             "state dict with spec 'package.module:callable' and weights=FILE."
         ) from None
+
+
+def importable_from_here(model: str) -> None:
+    """For a front end's ``--model package.module:callable``: let Python find the module in the current folder,
+    as ``python -m`` would (appended to ``sys.path``, so an installed package of the same name still wins)."""
+    if ":" in model and not Path(model).exists():
+        here = os.getcwd()
+        if here not in sys.path and "" not in sys.path:
+            sys.path.append(here)
 
 
 def _resolve_import(spec: str) -> nn.Module:

@@ -380,3 +380,17 @@ def test_photo_folder_summary_recommends_a_method(capsys, tmp_path):
     assert code == 0
     assert "Recommended for this model: Grad-CAM (--method gradcam)." in out.splitlines()
     assert "Based on 2 image(s)" in out
+
+
+def test_reading_names_no_most_faithful_method_when_random_is_more_faithful():
+    from lumos.evaluate.report import format_reading, read_report
+
+    # Grad-CAM beats random overall (on localisation) but random maps are more faithful than its maps
+    report = _report({"gradcam": {"pointing_game": 0.9, "relevance_mass": 0.4, "energy_pointing_game": 0.5,
+                                  "deletion_auc": 0.35, "insertion_auc": 0.45},
+                      "random": {"pointing_game": 0.1, "relevance_mass": 0.1, "energy_pointing_game": 0.1,
+                                 "deletion_auc": 0.3, "insertion_auc": 0.5}})
+    reading = read_report(report)
+    assert reading.not_above_random == [] and reading.best_localised == ["gradcam"]
+    assert reading.most_faithful == []
+    assert not any(line.startswith("Most faithful here") for line in format_reading(reading))

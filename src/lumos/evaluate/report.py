@@ -108,13 +108,14 @@ def _ranks(report: EvaluationReport, methods: list[str], metrics: tuple[str, ...
     return {m: sum(r) / len(r) for m, r in total.items() if r}
 
 
-def _beats_random(report: EvaluationReport, method: str) -> bool | None:
-    """Better than random on more metrics than worse (None: no random baseline to compare with)."""
+def _beats_random(report: EvaluationReport, method: str,
+                  metrics: tuple[str, ...] = (*FAITHFULNESS, *LOCALISATION)) -> bool | None:
+    """Better than random on more of ``metrics`` than worse (None: no random baseline to compare with)."""
     base = report.rows.get(RANDOM)
     if base is None:
         return None
     wins = losses = 0
-    for metric in (*FAITHFULNESS, *LOCALISATION):
+    for metric in metrics:
         a, b = report.rows[method].get(metric, float("nan")), base.get(metric, float("nan"))
         if a != a or b != b:
             continue
@@ -144,7 +145,9 @@ def read_report(report: EvaluationReport) -> Reading:
     trusted = [m for m in methods if m not in reading.not_above_random]
     faithful = _ranks(report, trusted, FAITHFULNESS)
     localised = _ranks(report, trusted, LOCALISATION)
-    reading.most_faithful, reading.best_localised = _top(faithful), _top(localised)
+    # named best on a kind of metric only when also better than random on that kind (not just overall)
+    reading.most_faithful = [m for m in _top(faithful) if _beats_random(report, m, FAITHFULNESS) is not False]
+    reading.best_localised = [m for m in _top(localised) if _beats_random(report, m, LOCALISATION) is not False]
     reading.faithful_on = [k for k in FAITHFULNESS if any(k in report.rows[m] for m in methods)]
     usable = [m for m in trusted if m not in reading.fails_sanity]
     overall = {m: (faithful[m] + localised[m]) / 2 if m in localised else faithful[m]

@@ -76,3 +76,14 @@ def test_lumos_methods_gives_each_method_a_whole_sentence(capsys):
     for name, text in entries.items():
         assert text.endswith(".") and not text.endswith("et al."), (name, text)
     assert "R += A_bar @ R." in entries["grad_rollout"]
+
+
+def test_features_says_when_n_is_more_than_the_layer_has(capsys, tmp_path, photos):
+    code, out, err = _run(capsys, "features", photos[0], "--model", "nets:GapNet", "--size", "32",
+                          "--layer", "features", "--n", "500", "--out", tmp_path / "f")
+    assert code == 0 and "note: layer features has 16 channels; --n 500 shows all 16." in err
+    listed = out.split("channels [")[1].split("]")[0].split(", ")
+    assert len(listed) == 16 and listed[-1] != "..."
+    code, out, err = _run(capsys, "features", photos[0], "--model", "nets:GapNet", "--size", "32",
+                          "--layer", "features.0", "--n", "8", "--out", tmp_path / "g")
+    assert code == 0 and "note:" not in err and len(out.split("channels [")[1].split("]")[0].split(", ")) == 8

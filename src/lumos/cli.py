@@ -391,7 +391,10 @@ def features(
     where = _device_of(bundle.model)
     h, w = bundle.preprocess.hw
     # a bad layer, or one without a spatial map, fails once here, not per image
-    feature_maps(bundle.model, torch.zeros(1, 3, h, w, device=where), layer=layer, n=n)
+    probe = feature_maps(bundle.model, torch.zeros(1, 3, h, w, device=where), layer=layer, n=n)
+    if n > probe.activations.shape[1]:
+        err_console.print(f"note: layer {probe.layer} has {probe.activations.shape[1]} channels; --n {n} shows all "
+                          f"{probe.activations.shape[1]}.", highlight=False, markup=False)
     names = RunReport()  # unique output stems: a/x.png and b/x.png write x_... and x_2_...
     files, problems = find_images(images)
     failures = [f"{p}: {why}" for p, why in problems]
@@ -406,7 +409,9 @@ def features(
         path = out / f"{names.stem(str(f))}_features_{_file_part(fm.layer)}.png"
         with _writing(out):
             _feature_grid(fm.activations[0].cpu(), n, path, f"{Path(f).name}, layer {fm.layer}")
-        out_console.print(f"{f}: layer {fm.layer}, channels {fm.top_channels[0].tolist()} -> {path}", highlight=False)
+        top = fm.top_channels[0].tolist()
+        shown = ", ".join(map(str, top[:16])) + (f", ... ({len(top) - 16} more)" if len(top) > 16 else "")
+        out_console.print(f"{f}: layer {fm.layer}, channels [{shown}] -> {path}", highlight=False)
     for reason in failures:
         err_console.print(f"error: {_cli_wording(reason)}", highlight=False, markup=False)
     if failures:

@@ -87,3 +87,25 @@ def test_features_says_when_n_is_more_than_the_layer_has(capsys, tmp_path, photo
     code, out, err = _run(capsys, "features", photos[0], "--model", "nets:GapNet", "--size", "32",
                           "--layer", "features.0", "--n", "8", "--out", tmp_path / "g")
     assert code == 0 and "note:" not in err and len(out.split("channels [")[1].split("]")[0].split(", ")) == 8
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--steps", "0"), ("--batch-size", "-1"), ("--n", "0")])
+def test_evaluate_names_the_option_that_is_not_positive(capsys, tmp_path, flag, value):
+    code, _, err = _run(capsys, "evaluate", "--benchmark", "synthetic", "--method", "gradcam", flag, value,
+                        "--out", tmp_path / "ev")
+    assert code == 2 and err.strip() == f"error: {flag} must be a positive integer, got {value}."
+
+
+def test_a_weights_file_that_is_not_a_checkpoint_says_so(capsys, tmp_path, photos):
+    (tmp_path / "w.txt").write_text("hello")
+    code, _, err = _run(capsys, "explain", photos[0], "--model", "nets:GapNet", "--weights", tmp_path / "w.txt",
+                        "--out", tmp_path / "o")
+    assert code == 2 and "is not a torch checkpoint (torch.save writes a zip archive)" in err
+
+
+def test_a_store_that_is_a_file_says_so(capsys, tmp_path, photos):
+    pytest.importorskip("pyarrow")
+    (tmp_path / "afile").write_text("")
+    code, _, err = _run(capsys, "explain-dataset", photos[0], *MODEL, "--store", tmp_path / "afile")
+    assert code == 2 and err.strip() == f"error: The store {tmp_path / 'afile'} (--store) is a file, not a folder; " \
+        "give a folder for the store."

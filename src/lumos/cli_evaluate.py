@@ -73,8 +73,9 @@ def evaluate(
     method_kwargs = parse_settings(settings or [], names)
     ExplainSpec(methods=tuple(names), settings=method_kwargs)  # every name and value checked before any work
     where = resolve_device(device)
-    if steps is not None and steps < 1 or batch_size < 1 or n < 1:
-        raise LumosError("--steps, --batch-size and --n must be positive integers.")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--n", n)):
+        if value is not None and value < 1:
+            raise LumosError(f"{flag} must be a positive integer, got {value}.")
     if tolerance is not None and tolerance < 0:
         raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
     picture = None

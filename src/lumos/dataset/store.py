@@ -209,6 +209,8 @@ def store_lock(root: str | os.PathLike[str]) -> Iterator[None]:
     its process dies, so a crashed run never blocks its resume. The file keeps the holder's process id."""
     root = Path(root)
     _refuse_foreign(root)  # a folder that is not a store gets no lock file either
+    if root.exists() and not root.is_dir():
+        raise LumosError(f"The store {root} (--store) is a file, not a folder; give a folder for the store.")
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

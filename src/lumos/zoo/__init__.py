@@ -333,6 +333,13 @@ def _unwrap_state_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _legacy_pickle(path: Path) -> bool:
+    """Whether ``path`` starts like a pickle (torch.save's format before torch 1.6, or
+    ``_use_new_zipfile_serialization=False``): protocol 2+ opens with the PROTO opcode 0x80."""
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def _load_weights(model: nn.Module, weights: str | os.PathLike[str]) -> None:
     path = Path(weights)
     if not path.is_file():
@@ -341,6 +348,10 @@ def _load_weights(model: nn.Module, weights: str | os.PathLike[str]) -> None:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not zipfile.is_zipfile(path) and not _legacy_pickle(path):  # torch.save writes a zip (or old pickle)
+            raise ModelLoadError(f"The weights file {path} is not a torch checkpoint (torch.save writes a zip "
+                                 "archive); give the state dict saved with torch.save(model.state_dict(), path).") \
+                from None
         raise ModelLoadError(f"Cannot read weights file {path} as a plain state dict ({first}).") from None
     state = _unwrap_state_dict(state, path)
     own = model.state_dict()

@@ -22,6 +22,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lumos.errors import LumosError
+from lumos.layers import LayerError
 
 
 def dense_from_dicts(detections: Sequence[Mapping[str, torch.Tensor]], num_classes: int) -> torch.Tensor:
@@ -296,7 +297,8 @@ class TorchvisionDetector(nn.Module):
     """A torchvision detector as ``(B, 3, H, W) in [0, 1] -> (B, N, 4 + C)`` (see :func:`dense_from_dicts`).
 
     Boxes are in the input's pixels (torchvision maps them back from its internal resize). Layers keep the
-    detector's names under ``detector.``, e.g. ``detector.backbone.body.16``. Random-weight detectors score
+    detector's names under ``detector.``, e.g. ``detector.backbone.body.16``; ``layer="auto"`` is a backbone
+    map every box reaches (:meth:`lumos_auto_layer`). Random-weight detectors score
     low: build them with ``box_score_thresh=0`` (``score_thresh=0`` for RetinaNet/FCOS) to get boxes.
     """
 
@@ -319,6 +321,57 @@ class TorchvisionDetector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_from_dicts(self.detect(x), self.num_classes)
+
+    def lumos_auto_layer(self, x: torch.Tensor, names: Sequence[str]) -> str:
+        """The layer ``layer="auto"`` explains, among ``names`` (maps with one map per image, forward order):
+        the last backbone map that every feature level the heads read depends on -- for FPN detectors the
+        last backbone stage (or its FPN projection), which every pyramid level is computed from, so every
+        box's score reaches it whatever level the box is pooled or predicted from. A later map (one pyramid
+        level) gives boxes of the other levels an empty map; the box head's RoI maps are per proposal."""
+        prefix = "detector.backbone."
+        candidates = [n for n in names if n.startswith(prefix)]
+        backbone = getattr(self.detector, "backbone", None)
+        transform = getattr(self.detector, "transform", None)
+        if not candidates or backbone is None or transform is None:
+            raise LayerError("Found no backbone feature map of this detector to explain with layer='auto'; "
+                             "pass layer= (a backbone layer, see `lumos layers` or docs/detection.md).")
+        modules = dict(self.named_modules())
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(name: str) -> Callable[..., None]:
+            def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+                if isinstance(output, torch.Tensor):
+                    seen.setdefault(name, output)
+            return hook
+
+        handles = [modules[n].register_forward_hook(record(n)) for n in candidates]
+        try:
+            with torch.enable_grad():
+                images, _ = transform(list(x.detach().clone().requires_grad_(True)))
+                features = backbone(images.tensors)
+        finally:
+            for h in handles:
+                h.remove()
+        levels = list(features.values()) if isinstance(features, Mapping) else [features]
+        reach = [_graph_nodes(t) for t in levels if isinstance(t, torch.Tensor)]
+        for name in reversed(candidates):
+            fn = seen[name].grad_fn if name in seen else None
+            if fn is not None and reach and all(fn in nodes for nodes in reach):
+                return name
+        raise LayerError("Found no backbone feature map every feature level of this detector depends on; pass "
+                         "layer= (a backbone layer, see `lumos layers` or docs/detection.md).")
+
+
+def _graph_nodes(t: torch.Tensor) -> set[object]:
+    """Every autograd node ``t`` was computed through."""
+    nodes: set[object] = set()
+    todo = [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in nodes:
+            nodes.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return nodes
 
 
 class DenseDetector(nn.Module):

@@ -46,3 +46,19 @@ def test_ray_and_local_stores_are_the_same(local_ray, tmp_path: Path) -> None:
         assert np.abs(decode_map(ra._asdict()) - decode_map(rb._asdict())).max() <= step + 1e-3
     again = explain_dataset([data], spec, tmp_path / "ray", options=options, engine="ray")
     assert again.explained == 0 and again.skipped == 21
+
+
+def test_a_cap_reached_on_ray_workers_is_said_once_on_the_driver(local_ray, tmp_path: Path, caplog) -> None:
+    """Workers' logs do not reach the driver (log_to_driver=False): their shortfalls come back with the rows."""
+    import logging
+
+    data = tmp_path / "data"
+    write_image_folder(make_shortcut_dataset(6, seed=3), data)
+    spec = ExplainSpec(model=ModelSpec("lumos.synthetic:load_tinycnn", size=64, mean=(0.0,), std=(1.0,)),
+                       methods=("scorecam",), settings={"scorecam": {"max_channels": 1, "tolerance": 1e-9}})
+    with caplog.at_level(logging.WARNING, logger="lumos"):
+        run = explain_dataset([data], spec, tmp_path / "ray", options=RunOptions(chunk_size=4), batch_size=2,
+                              engine="ray", ray={"concurrency": 2, "threads": 1})
+    said = [r.getMessage() for r in caplog.records if "reached max_channels=1" in r.getMessage()]
+    assert run.explained == 6 and len(said) == 1 and said[0].startswith("Score-CAM: 6 of 6 maps reached"), said
+    assert "_lumos_shortfalls" not in read_store(tmp_path / "ray").column_names

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Shortfall", "gather_shortfalls", "report_shortfall"]
+__all__ = ["Shortfall", "add_shortfall", "gather_shortfalls", "report_shortfall"]
 
 log = logging.getLogger(__name__)
 
@@ -62,20 +62,25 @@ class Shortfall:
         return "unknown" if math.isnan(self.worst) else f"{self.worst:.3f}"
 
 
-def report_shortfall(short: Shortfall, error: torch.Tensor) -> None:
-    """Count the maps whose ``error`` (one per map; NaN = unknown, which counts as not met) is above the
-    tolerance: log one line now, or add them to the run's count inside :func:`gather_shortfalls`."""
-    error = error.detach().float().reshape(-1).cpu()
-    over = (error > short.tolerance) | error.isnan()
-    known = error[over & ~error.isnan()]
-    short = replace(short, over=int(over.sum()), total=error.numel(),
-                    worst=float(known.max()) if known.numel() else math.nan)
+def add_shortfall(short: Shortfall) -> None:
+    """Count an already-counted :class:`Shortfall` (e.g. one a Ray worker gathered) into the run inside
+    :func:`gather_shortfalls`, or log it now."""
     gathered = _GATHERED.get()
     if gathered is not None:
         key = short.key()
         gathered[key] = gathered[key].plus(short) if key in gathered else short
     elif short.over:
         log.warning("%s", short.line())
+
+
+def report_shortfall(short: Shortfall, error: torch.Tensor) -> None:
+    """Count the maps whose ``error`` (one per map; NaN = unknown, which counts as not met) is above the
+    tolerance: log one line now, or add them to the run's count inside :func:`gather_shortfalls`."""
+    error = error.detach().float().reshape(-1).cpu()
+    over = (error > short.tolerance) | error.isnan()
+    known = error[over & ~error.isnan()]
+    add_shortfall(replace(short, over=int(over.sum()), total=error.numel(),
+                          worst=float(known.max()) if known.numel() else math.nan))
 
 
 @contextmanager

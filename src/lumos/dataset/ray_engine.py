@@ -7,8 +7,10 @@ as soon as all its images are back, so the store is the same as the local engine
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from typing import Any
 
 from lumos.dataset.batch import BatchWorker, RunOptions, decode_batch
@@ -16,8 +18,11 @@ from lumos.dataset.sources import Item
 from lumos.dataset.store import Store, pyarrow, rows_table
 from lumos.errors import LumosError
 from lumos.explainer import ExplainSpec
+from lumos.shortfall import Shortfall, add_shortfall, gather_shortfalls
 
 __all__ = ["run_ray"]
+
+SHORTFALLS = "_lumos_shortfalls"  # a column the workers add (JSON, first row of a batch) and the driver removes
 
 
 def import_ray() -> Any:
@@ -42,8 +47,12 @@ class RayExplainer:
     def __call__(self, batch: Any) -> Any:
         items = [Item(int(r["index"]), r["path"], r["label"], None if r["box"] is None else tuple(r["box"]))
                  for r in batch.to_pylist()]
-        rows = self.worker.rows(decode_batch(self.worker.decoder, items))
-        return rows_table(rows, self.worker.options.map_dtype)
+        with gather_shortfalls(say=False) as found:  # a worker's log does not reach the driver: send them back
+            rows = self.worker.rows(decode_batch(self.worker.decoder, items))
+        table = rows_table(rows, self.worker.options.map_dtype)
+        said = [json.dumps([asdict(s) for s in found])] if found else []
+        return table.append_column(SHORTFALLS, pyarrow().array(said + [None] * (len(table) - len(said)),
+                                                               pyarrow().string()))
 
 
 def run_ray(store: Store, items: Sequence[Item], chunks: Sequence[tuple[int, range]], spec: ExplainSpec,
@@ -88,6 +97,10 @@ def run_ray(store: Store, items: Sequence[Item], chunks: Sequence[tuple[int, ran
     pending = {k: set(r) for k, r in chunks}
     parts: dict[int, list[Any]] = {}
     for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        for said in table.column(SHORTFALLS).drop_null().to_pylist():  # counted into the run's one warning
+            for fields in json.loads(said):
+                add_shortfall(Shortfall(**fields))
+        table = table.drop_columns([SHORTFALLS])
         indices = table.column("index").to_pylist()
         for k in sorted({i // size for i in indices}):
             part = table.filter(pc.equal(pc.divide(table.column("index"), size), k))

@@ -98,15 +98,15 @@ def explain_dataset(
         todo = sum(len(r) for _, r in chunks)
         if on_start is not None:
             on_start(len(items), len(items) - todo)
-        if engine == "local":
-            from lumos.dataset.local import run_local
+        with gather_shortfalls():  # a method's cap, said once for the run rather than once per batch
+            if engine == "local":
+                from lumos.dataset.local import run_local
 
-            with gather_shortfalls():  # a method's cap, said once for the run rather than once per batch
                 run_local(st, items, chunks, worker, batch_size=batch_size, workers=workers, on_batch=on_batch)
-        else:
-            from lumos.dataset.ray_engine import run_ray
+            else:
+                from lumos.dataset.ray_engine import run_ray
 
-            run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
+                run_ray(st, items, chunks, spec, options, batch_size=batch_size, on_batch=on_batch, **(ray or {}))
     unlabelled = sum(it.label is None for it in items) if options.target == "both" else 0
     return DatasetRun(st.root, len(items), todo, len(items) - todo, problems, unlabelled,
                       [(label, source) for label, source, _ in unknown])

@@ -318,6 +318,24 @@ def test_a_nan_score_on_some_images_becomes_their_error_rows(data, tmp_path, mon
     assert ok.pred.tolist() == same.pred.tolist() and np.allclose(ok.mass_centre, same.mass_centre, atol=1e-5)
 
 
+def test_the_report_counts_failed_images_not_error_rows(data, tmp_path, monkeypatch) -> None:
+    """Two methods and both target kinds: a NaN image is an error row per kind, but the report counts it once."""
+    from PIL import Image
+
+    files = sorted((data / "disc").glob("0*.png"))[:4]
+    means = sorted(float(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).mean() / 255) for f in files)
+    (tmp_path / "nan_on_bright.py").write_text(NAN_MODEL.replace("THRESHOLD", repr((means[-1] + means[-2]) / 2)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    items = [Item(i, str(f), "disc") for i, f in enumerate(files)]
+    explain_dataset(items, tiny_spec(data, model="nan_on_bright:build", methods=("gradcam", "gradients")),
+                    tmp_path / "s", options=RunOptions(target="both"), workers=0)
+    rows = read_store(tmp_path / "s").to_pandas()
+    assert rows.error.notna().sum() == 2 and rows[rows.error.notna()]["index"].nunique() == 1
+    for method, kind in (("gradcam", "predicted"), ("gradients", "label")):
+        rep = dataset_report(tmp_path / "s", method=method, target_kind=kind)
+        assert rep.images == 3 and rep.errors == 1
+
+
 def test_cli_counts_blank_maps_once_at_the_end(data, tmp_path, capsys) -> None:
     """A zeroed head makes every Grad-CAM map zero everywhere: one warning line with the count read from the
     store (not one engine line per batch)."""

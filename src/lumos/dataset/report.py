@@ -55,7 +55,8 @@ class ClassSummary:
 @dataclass
 class DatasetReport:
     """The report of one method and target kind: classes ranked by mass outside the object (most first),
-    the images with the most mass outside it, and what "outside" means here."""
+    the images with the most mass outside it, and what "outside" means here. ``errors``: images without a map
+    of this method and kind (unreadable, or a NaN score)."""
 
     method: str
     target_kind: str
@@ -111,14 +112,19 @@ def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, 
     accs: dict[int, _Acc] = {}
     worst: list[tuple[float, int, dict[str, Any]]] = []
     images = errors = rows = 0
+    failed_images: set[int] = set()  # images with no map of this method and kind: unreadable, or a NaN score
     first_error = None
     has_box = None
     for f in files:
         df = pq.read_table(f, columns=_COLUMNS).to_pandas()
         rows += len(df)
-        errors += int(df["error"].notna().sum())
+        bad = df[df["error"].notna()]
+        errors += len(bad)
         if first_error is None and errors:
-            first_error = str(df["error"].dropna().iloc[0])
+            first_error = str(bad["error"].iloc[0])
+        mine = bad["method"].isna() | (bad["method"] == method)  # an unreadable image has one row, no method
+        mine &= bad["target_kind"].isna() | (bad["target_kind"] == target_kind)
+        failed_images.update(bad.loc[mine, "index"].astype(int).tolist())
         df = df[df["error"].isna() & (df["method"] == method) & (df["target_kind"] == target_kind)]
         if has_box is None and len(df):
             has_box = bool(df["mass_outside_box"].notna().any())
@@ -162,7 +168,7 @@ def dataset_report(store: str | os.PathLike[str], *, method: str | None = None, 
     classes.sort(key=lambda c: -c.outside)
     measure = "outside the object's box" if has_box else "in the border ring (outer 1/8 of each side)"
     top_images = [e for _, _, e in sorted(worst, key=lambda t: (-t[0], -t[1]))]
-    return DatasetReport(method, target_kind, measure, images, errors, classes, top_images)
+    return DatasetReport(method, target_kind, measure, images, len(failed_images), classes, top_images)
 
 
 def _nothing(root: Path, method: str, kind: str, rows: int, errors: int, first_error: str | None) -> str:
@@ -241,7 +247,8 @@ def _html(report: DatasetReport, png: str) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>lumos data set report</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}</style>
 </head><body><h1>Where {e(report.method)} says the model looks</h1>
-<p>{report.images} images ({report.errors} could not be read); maps of the {e(report.target_kind)} class.
+<p>{report.images} images ({report.errors} could not be explained: unreadable, or a NaN score); maps of the
+{e(report.target_kind)} class.
 "Outside" is the share of each map's mass {e(report.outside_measure)}. A class whose maps lie outside its objects,
 peaking at the same place on every image, points at a shortcut.</p>
 <img src="{e(png)}" style="max-width:100%">

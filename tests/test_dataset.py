@@ -335,6 +335,24 @@ def test_the_report_counts_failed_images_not_error_rows(data, tmp_path, monkeypa
         rep = dataset_report(tmp_path / "s", method=method, target_kind=kind)
         assert rep.images == 3 and rep.errors == 1
 
+def test_cli_summary_counts_a_failed_image_once(data, tmp_path, monkeypatch, capsys) -> None:
+    import shutil
+
+    from PIL import Image
+
+    files = sorted((data / "disc").glob("0*.png"))[:3]
+    means = sorted(float(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32).mean() / 255) for f in files)
+    (tmp_path / "nan_on_bright.py").write_text(NAN_MODEL.replace("THRESHOLD", repr((means[-1] + means[-2]) / 2)))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "photos" / "disc").mkdir(parents=True)
+    for f in files:
+        shutil.copy(f, tmp_path / "photos" / "disc" / f.name)
+    code, out, err = _cli(capsys, "explain-dataset", tmp_path / "photos", "--store", tmp_path / "s", "-m",
+                          "nan_on_bright:build", "--labels", data / "labels.txt", "--size", "64", "--mean", "0",
+                          "--std", "1", "--workers", "0", "--target", "both", "--method", "gradcam,gradients")
+    assert code == 1 and "3 processed now, 0 already done; 1 failed (rows with their error" in out, (out, err)
+    assert len([line for line in err.splitlines() if line.startswith("failed:")]) == 1
+
 
 def test_cli_counts_blank_maps_once_at_the_end(data, tmp_path, capsys) -> None:
     """A zeroed head makes every Grad-CAM map zero everywhere: one warning line with the count read from the

@@ -139,7 +139,8 @@ def explain_dataset(
                           f"kept as text but not used (the report groups their images by the predicted class): "
                           f"{shown}{more}", highlight=False, markup=False)
     errors, blank, failed_images = _error_and_blank_rows(result.store)
-    failed = f"; {errors} failed (rows with their error: unreadable, or a NaN score)" if errors else ""
+    failed = (f"; {len(failed_images)} failed (rows with their error: unreadable, or a NaN score)" if failed_images
+              else "")
     unlabelled = (f"; {result.unlabelled} without a label (their predicted-class map only)" if result.unlabelled
                   else "")
     out_console.print(f"{result.images} image(s) in {result.store}/: {result.explained} processed now, "

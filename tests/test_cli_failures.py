@@ -109,3 +109,22 @@ def test_a_store_that_is_a_file_says_so(capsys, tmp_path, photos):
     code, _, err = _run(capsys, "explain-dataset", photos[0], *MODEL, "--store", tmp_path / "afile")
     assert code == 2 and err.strip() == f"error: The store {tmp_path / 'afile'} (--store) is a file, not a folder; " \
         "give a folder for the store."
+
+
+@pytest.mark.parametrize("command", ["explain", "evaluate", "explain-dataset"])
+def test_help_is_whole_at_80_columns_and_boxed_when_wide(command):
+    import os
+    import subprocess
+    import sys
+
+    def helptext(columns: int) -> str:
+        env = {**os.environ, "COLUMNS": str(columns)}
+        done = subprocess.run([sys.executable, "-m", "lumos.cli", command, "--help"], capture_output=True,
+                              text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    narrow = helptext(80)
+    assert "…" not in narrow and "╭" not in narrow and "efficientnet_lite0" in narrow
+    assert max(map(len, narrow.splitlines())) <= 80
+    assert "╭─ Options" in helptext(140)

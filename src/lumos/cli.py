@@ -26,6 +26,7 @@ from lumos.cli_common import (
     _writing,
     err_console,
     format_times,
+    help_style,
     on_tty,
     out_console,
     parse_methods,
@@ -54,6 +55,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=help_style(),
     help="lumos: see where a vision model looks, and whether that picture can be trusted.",
 )
 DEMO_METHODS = "gradcam,gradcam++,scorecam,layercam,eigencam,guided_gradcam,integrated_gradients"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -79,6 +80,17 @@ def parse_methods(text: str, transformer: bool = False) -> list[str]:
         err_console.print(f"note: {', '.join(twice)} given more than once (aliases count as the same method); "
                           "each method runs once.", highlight=False, markup=False)
     return unique
+
+
+#: Narrower terminals get click's plain help: Typer's boxed option tables leave the help column ~25 characters
+#: wide at 80 columns and cut defaults and long words with an ellipsis
+RICH_HELP_COLUMNS = 100
+
+
+def help_style() -> str | None:
+    """Typer's ``rich_markup_mode``: ``"rich"`` (boxed panels) on a terminal at least ``RICH_HELP_COLUMNS`` wide
+    (or ``COLUMNS``; 80 when not on a terminal), else None (click's plain help, which wraps cleanly at any width)."""
+    return "rich" if shutil.get_terminal_size((80, 24)).columns >= RICH_HELP_COLUMNS else None
 
 
 def on_tty(console: Console) -> bool:

@@ -128,3 +128,17 @@ def test_help_is_whole_at_80_columns_and_boxed_when_wide(command):
     assert "…" not in narrow and "╭" not in narrow and "efficientnet_lite0" in narrow
     assert max(map(len, narrow.splitlines())) <= 80
     assert "╭─ Options" in helptext(140)
+
+
+def test_ctrl_c_in_explain_dataset_says_how_to_resume(capsys, tmp_path, photos, monkeypatch):
+    pytest.importorskip("pyarrow")
+    import lumos.dataset
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lumos.dataset, "explain_dataset", interrupted)
+    code, _, err = _run(capsys, "explain-dataset", *photos, *MODEL, "--store", tmp_path / "s")
+    assert code == 130
+    assert err.strip() == (f"interrupted: the finished chunks are kept in {tmp_path / 's'}; run the same command "
+                           "again to finish the rest (finished chunks are skipped).")

@@ -127,9 +127,16 @@ def explain_dataset(
             speed = progress.tasks[0].speed
             progress.update(task, rate=f"{speed:.1f}" if speed else "-")
 
-        result = run(inputs, spec, store, options=options, engine=engine, batch_size=batch_size, workers=workers,
-                     restart=restart, on_start=on_start, on_batch=on_batch, explainer=explainer,
-                     ray={"address": address, "concurrency": concurrency, "num_gpus": num_gpus, "threads": threads})
+        try:
+            result = run(inputs, spec, store, options=options, engine=engine, batch_size=batch_size,
+                         workers=workers, restart=restart, on_start=on_start, on_batch=on_batch, explainer=explainer,
+                         ray={"address": address, "concurrency": concurrency, "num_gpus": num_gpus,
+                              "threads": threads})
+        except KeyboardInterrupt:
+            progress.stop()
+            err_console.print(f"interrupted: the finished chunks are kept in {store}; run the same command again to "
+                              "finish the rest (finished chunks are skipped).", highlight=False, markup=False)
+            raise typer.Exit(130) from None
     for path, why in result.problems:
         err_console.print(f"warning: {path}: {why}", highlight=False, markup=False)
     if result.unknown_labels:

@@ -393,3 +393,16 @@ def test_cli_summary_counts_an_unreadable_image_apart(shortcut_data, tmp_path, c
     code, out, err = _cli(capsys, "explain-dataset", folder, tmp_path / "missing", "--store", tmp_path / "s3", "-m",
                           SHORTCUT, "--size", "64", "--mean", "0", "--std", "1", "--workers", "0")
     assert code == 1 and "missing: no such file or directory" in err and "1 processed now" in out, (code, out, err)
+
+
+def test_the_report_title_fits_a_figure_of_one_class(data, tmp_path) -> None:
+    from lumos.dataset.report import report_figure
+
+    items = [Item(i, str(f)) for i, f in enumerate(sorted((data / "disc").glob("0*.png"))[:2])]
+    explain_dataset(items, tiny_spec(data), tmp_path / "s", workers=0)
+    rep = dataset_report(tmp_path / "s")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = report_figure(rep)
+    title = fig._suptitle.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    assert len(rep.classes) <= 2 and fig.bbox.x0 <= title.x0 and title.x1 <= fig.bbox.x1

@@ -15,6 +15,7 @@ import heapq
 import html
 import json
 import os
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,18 +197,27 @@ def write_report(report: DatasetReport, out: str | os.PathLike[str]) -> list[Pat
 
 
 def _figure(report: DatasetReport, path: Path) -> Path:
+    from lumos.render import save_png
+
+    save_png(report_figure(report), path, dpi=110)
+    return path
+
+
+def report_figure(report: DatasetReport) -> Any:
+    """The report picture: per class its mean map, misclassified mean map and peak places; the top images."""
     from matplotlib.figure import Figure
 
     from lumos.io import load_image
-    from lumos.render import draw_map, save_png
+    from lumos.render import draw_map
 
     classes = report.classes
     n = max(len(classes), 1)
     n_top = len(report.top_images)
     cols = max(n, min(n_top, 6))
     fig = Figure(figsize=(2.0 * cols, 2.25 * (4 if n_top else 3) + 0.6))
-    fig.suptitle(f"{report.method} maps ({report.target_kind} class) over {report.images} images: classes ranked by "
-                 f"mass {report.outside_measure}", fontsize=10)
+    title = (f"{report.method} maps ({report.target_kind} class) over {report.images} images: classes ranked by "
+             f"mass {report.outside_measure}")
+    fig.suptitle(textwrap.fill(title, width=max(30, int(2.0 * cols * 11))), fontsize=10)  # ~11 chars/inch at 10 pt
     grid = fig.add_gridspec(4 if n_top else 3, cols, hspace=0.55, wspace=0.15)
     for j, c in enumerate(classes):
         rows = [(c.mean_map, f"{c.name} ({c.images})\nmean map, {c.outside:.0%} outside"),
@@ -233,8 +243,7 @@ def _figure(report: DatasetReport, path: Path) -> Path:
         except LumosError:
             continue
         ax.imshow(np.asarray(draw_map(image, entry["_map"]) if "_map" in entry else image))
-    save_png(fig, path, dpi=110)
-    return path
+    return fig
 
 
 def _html(report: DatasetReport, png: str) -> str:

@@ -125,8 +125,10 @@ class WindowConv2d(torch.autograd.Function):
         (ph, pw), (kh, kw) = ctx.padding, weight.shape[-2:]
         live = grad.detach().abs().amax((0, 1))
         rows, cols = live.any(1).nonzero()[:, 0], live.any(0).nonzero()[:, 0]
-        if rows.numel() == 0:
-            return None, None, None, None
+        if rows.numel() == 0:  # a zero gradient (the box is gone), not a missing one: zeros reach the input
+            need = ctx.needs_input_grad
+            return (torch.zeros_like(x) if need[0] else None, torch.zeros_like(weight) if need[1] else None,
+                    grad.new_zeros(grad.shape[1]) if ctx.has_bias and need[2] else None, None)
         y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
         if (y1 - y0) * (x1 - x0) > 0.5 * live.numel():  # most of the map: the dense backward is as cheap
             y0, y1, x0, x1 = 0, grad.shape[-2], 0, grad.shape[-1]
@@ -170,7 +172,9 @@ def _window_conv_args(args: tuple, kwargs: dict) -> tuple | None:
 class SparseCat(torch.autograd.Function):
     """``torch.cat`` whose backward gives no gradient (instead of zeros) to the pieces whose gradient is all zero
     (exact). A one-stage detector concatenates its heads' outputs over pyramid levels; one box's score comes
-    from one level, and without this every level's head would be back-propagated with zeros for every box."""
+    from one level, and without this every level's head would be back-propagated with zeros for every box.
+    When the whole gradient is zero (the explained box is not detected: its score is a constant 0) the pieces
+    get zeros, so that the input's gradient is zero rather than missing (missing reads as a cut graph)."""
 
     @staticmethod
     def forward(ctx, dim: int, *tensors: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -180,6 +184,8 @@ class SparseCat(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         pieces = grad.split(ctx.sizes, ctx.dim)
+        if not bool(grad.any()):
+            return (None, *(g if need else None for g, need in zip(pieces, ctx.needs_input_grad[1:], strict=True)))
         return (None, *(g if need and bool(g.any()) else None
                         for g, need in zip(pieces, ctx.needs_input_grad[1:], strict=True)))
 

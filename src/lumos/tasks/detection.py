@@ -213,6 +213,26 @@ class DetectionTarget:
         values = rows[..., 4:].gather(2, labels[..., None])[..., 0]
         return torch.where(best_iou >= self.iou_threshold, values, values * 0)
 
+    def check_path(self, images: torch.Tensor, scores: torch.Tensor) -> None:
+        """Path methods (integrated gradients) call this with the explained scores (m, K) at every path point they
+        evaluated, row r on the path of image ``images[r]``. A box not found at some points (its score there is
+        exactly 0: a found box scores its class above ``min_score``) makes the score jump from 0 where the box
+        appears, which no gradient sees: a one-line :class:`TargetError` saying where and how often."""
+        gone = (scores.detach() == 0).cpu()
+        images = images.cpu()
+        if not bool(gone.any()):
+            return
+        i, j = (int(v) for v in gone.nonzero()[0])
+        i = int(images[i])
+        mine = images == i
+        _, labels = self._fixed()
+        raise TargetError(
+            f"Box {j} of image {i} is not found at {int(gone[mine, j].sum())} of {int(mine.sum())} path points from "
+            f"the baseline to the image (no prediction of class {int(labels[i, j])} at IoU >= {self.iou_threshold} "
+            "there: its score is 0, and the jump where it appears is in no gradient); use a baseline where the "
+            "detector finds the box (e.g. baseline='blur' or a tensor) or a method without a path (gradcam, occlusion)."
+        )
+
     def probs(self, output: torch.Tensor, index: torch.Tensor | None = None) -> None:
         """None: detection scores are compared as they are (see :meth:`confidence`)."""
         return None

@@ -28,8 +28,7 @@ def test_detection_writes_one_overlay_per_box_per_method(scene, tmp_path, capsys
     # the two methods' files do not overwrite each other: one folder each, the same boxes
     assert {p.name for p in (tmp_path / "gradcam").iterdir()} == {p.name for p in (tmp_path / "layercam").iterdir()}
     out = capsys.readouterr().out
-    assert "Explained 1 image(s) with 2 method(s)" in out or "wrote" in out  # "wrote": until cli.py calls
-    # lumos.cli_tasks.explain_task_from_context (see tests/test_task_fixes.py)
+    assert "Explained 1 image(s) with 2 method(s)" in out
 
 
 def test_segmentation_writes_class_regions(scene, tmp_path):

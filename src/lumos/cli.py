@@ -95,30 +95,6 @@ def _check_colormap(name: str) -> None:
                          f"Common ones: {', '.join(COMMON_COLORMAPS)}; any matplotlib colormap name works.")
 
 
-def _explain_task(task: str, images: list[Path], model: str, method: str, out: Path) -> None:
-    """``lumos explain --task detection|segmentation``: per image the boxes (or class regions) drawn, one
-    overlay per box (region) and a gallery, for the shipped synthetic detector or segmenter."""
-    from lumos.cli_tasks import TASKS, run_task
-    from lumos.io import find_images
-    from lumos.runner import parse_list
-
-    if task not in TASKS:
-        raise LumosError(f"Unknown --task '{task}'; use classification, {' or '.join(TASKS)}.")
-    if model != "efficientnet_lite0":
-        raise LumosError(f"--task {task} explains the shipped synthetic {task} model; for your own model use "
-                         "lumos.tasks from Python (docs/detection.md).")
-    methods = parse_list(method, what="method")
-    files, problems = find_images(images)
-    for path, why in problems:
-        err_console.print(f"error: {path}: {why}", highlight=False, markup=False)
-    _check_out(out)
-    _make_dir(out)
-    written = [p for m in methods for p in run_task(task, files, out / m if len(methods) > 1 else out, method=m)]
-    out_console.print(f"wrote {len(written)} files to {out}", highlight=False, markup=False)
-    if problems or not files:
-        raise typer.Exit(1)
-
-
 def _print_prediction(name: str, prediction) -> None:
     top = ", ".join(f"{label} {p:.2f}" for _, label, p in prediction.top)
     out_console.print(f"{name}: {top}", highlight=False)
@@ -126,6 +102,7 @@ def _print_prediction(name: str, prediction) -> None:
 
 @app.command()
 def explain(
+    ctx: typer.Context,
     images: Annotated[list[Path], typer.Argument(help="Image files or directories (walked recursively).")],
     model: ModelOpt = "efficientnet_lite0",
     method: MethodOpt = "gradcam",
@@ -160,8 +137,10 @@ def explain(
     from lumos.io import find_images, load_image
     from lumos.runner import SAVE_FORMATS, WHOLE_RUN_WRITE_ERRORS, explain_images, parse_list, write_gallery
 
-    if task != "classification":
-        _explain_task(task, images, model, method, out)
+    if task != "classification":  # the shipped detector / segmenter: every option honoured or refused there
+        from lumos.cli_tasks import explain_task_from_context
+
+        explain_task_from_context(ctx)
         return
 
     formats = parse_list(save, SAVE_FORMATS, what="save format")

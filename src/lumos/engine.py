@@ -173,9 +173,14 @@ class Forward:
             yield j, [s.to_map(g) for s, g in zip(self.sites, grads, strict=True)]
 
 
-def check_spatial(name: str, maps: torch.Tensor) -> None:
+def check_spatial(name: str, maps: torch.Tensor, images: int | None = None) -> None:
     """A one-line :class:`LumosError` when a layer's maps (B, C, h, w) are 1 x 1: one value per channel, so
-    every "map" would be a flat square (upsampling would only add rounding noise, min-max scaled to [0, 1])."""
+    every "map" would be a flat square (upsampling would only add rounding noise, min-max scaled to [0, 1]);
+    or, given the number of ``images``, when there is not one map per image (a detector's RoI pooling gives one
+    per proposal: explaining them as images would be silently wrong)."""
+    if images is not None and maps.shape[0] != images:
+        raise LumosError(f"Layer '{name}' outputs {maps.shape[0]} maps for {images} image(s), not one per image "
+                         "(e.g. one per region proposal); choose a layer of the backbone (layer='auto' does).")
     if tuple(maps.shape[-2:]) == (1, 1):
         raise LumosError(f"Layer '{name}' outputs {maps.shape[1]}x1x1: one value per channel, no spatial map to "
                          "show; choose a layer whose output is larger than 1x1 (layer='auto' picks the last one).")
@@ -219,7 +224,7 @@ def forward(
     if missing:
         raise LumosError(f"Layer '{missing[0]}' did not run in the forward pass; choose another layer.")
     for s in sites:  # a layer that cannot give a map fails here, before any backward
-        check_spatial(s.name, s.to_map(cap.activations[s.name].detach()))
+        check_spatial(s.name, s.to_map(cap.activations[s.name].detach()), x.shape[0])
     targets = resolve_targets(target, out, labels, probs, squashed)
     check_finite_scores(targets.scores, targets.classes)
     return Forward(x, out, dict(cap.activations), sites, targets, state, probability_kind(out, probs, squashed))

@@ -86,32 +86,43 @@ def trace_layers(model: nn.Module, x: torch.Tensor) -> list[LayerInfo]:
 
 def _gives_map(info: layouts.LayerLayout) -> bool:
     grid = info.grid
-    return info.calls == 1 and info.status in ("map", "layout") and grid is not None and min(grid) > 1
+    # traced with one image: an output with more rows (RoI pooling's one map per proposal) is not a map per image
+    return (info.calls == 1 and info.status in ("map", "layout") and grid is not None and min(grid) > 1
+            and info.shape is not None and info.shape[0] == 1)
 
 
 def auto_layer(model: nn.Module, x: torch.Tensor) -> str:
     """The layer ``layer="auto"`` explains.
 
-    CNNs: the last module (in forward order) that outputs a spatial 4-D map (H, W > 1) once. Models with
-    token or channels-last layers (transformers): the last block, block norm or stage output whose spatial
-    positions receive gradient from the top-scoring output -- not the layers after a class token's last
-    attention, whose patch tokens no longer reach the prediction (their maps would be zero).
+    CNNs: the last module (in forward order) that outputs a spatial 4-D map (H, W > 1) once, one map per
+    image. A model whose output is a dense prediction (a (B, K, H, W) segmentation map, (B, N, D) dense
+    detections) rather than one vector per image: the last such map before its prediction head (see
+    :func:`_before_head`). Models with token or channels-last layers (transformers): the last block, block
+    norm or stage output whose spatial positions receive gradient from the top-scoring output -- not the
+    layers after a class token's last attention, whose patch tokens no longer reach the prediction (their
+    maps would be zero). A model with a ``lumos_auto_layer(x, names)`` method (``lumos.tasks``' detector
+    adapter) chooses among the candidate names itself.
     """
     trace_layers(model, x[:1])
     trace = layouts.trace(model, x[:1])
     if trace.auto is None:
-        trace.auto = _choose(model, x[:1], [i for i in trace.layers.values() if _gives_map(i)])
+        infos = [i for i in trace.layers.values() if _gives_map(i)]
+        own = getattr(model, "lumos_auto_layer", None)
+        trace.auto = (own(x[:1], [i.name for i in infos]) if callable(own)
+                      else _choose(model, x[:1], infos, trace.output_shape))
     return trace.auto
 
 
-def _choose(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> str:
+def _choose(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout],
+            output_shape: tuple[int, ...] | None = None) -> str:
     if not infos:
         raise LayerError(
             "Found no layer with a spatial 4-D output (B x C x H x W, H and W > 1) or token grid; pass layer= "
             "explicitly."
         )
     if not any(i.status == "layout" for i in infos):
-        return infos[-1].name
+        dense = output_shape is not None and len(output_shape) in (3, 4)
+        return _before_head(model, x, infos) if dense else infos[-1].name
     candidates = [i for i in infos if not i.leaf or i.norm][::-1]
     reached = _spatial_gradients(model, x[:1], candidates)
     for info in candidates:
@@ -121,6 +132,46 @@ def _choose(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout])
         "The top output's gradient reaches the spatial positions of no block or norm layer (an untrained head "
         "initialised to zero?); pass layer= explicitly."
     )
+
+
+def _before_head(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> str:
+    """For a model whose output is a dense prediction (4-D (B, K, H, W): segmentation; 3-D (B, N, K): dense
+    detections), the last of ``infos`` (spatial maps, forward order) before the prediction head: maps the main
+    output (see ``layouts.main_output``: ``"out"`` beside ``"aux"``) does not depend on are passed over (an
+    auxiliary head), and so are the trailing maps with the output's K channels (the per-pixel classifier and
+    what follows it: Grad-CAM there would show the class's own logits). One forward with autograd."""
+    modules = dict(model.named_modules())
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            seen.setdefault(name, first_tensor(output))
+
+        return hook
+
+    handles = [modules[i.name].register_forward_hook(record(i.name)) for i in infos]
+    try:
+        with torch.enable_grad():
+            out = layouts.main_output(model(x.detach().clone().requires_grad_(True)))
+    finally:
+        for h in handles:
+            h.remove()
+    if out is None or out.ndim not in (3, 4) or out.grad_fn is None:
+        return infos[-1].name
+    reached: set[object] = set()
+    todo = [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in reached:
+            continue
+        reached.add(fn)
+        todo.extend(f for f, _ in fn.next_functions)
+    k = out.shape[1] if out.ndim == 4 else out.shape[2]
+    feeding = [i for i in infos if seen.get(i.name) is not None and seen[i.name].grad_fn in reached]
+    for info in reversed(feeding):
+        if info.shape is not None and info.shape[1] != k:
+            return info.name
+    return infos[-1].name
 
 
 def _spatial_gradients(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> dict[str, bool]:

@@ -55,6 +55,15 @@ def model_output(output: object) -> object:
     return logits if isinstance(logits, torch.Tensor) and not isinstance(output, torch.Tensor) else output
 
 
+def main_output(output: object) -> torch.Tensor | None:
+    """The tensor a model's output leads with: itself, a Hugging Face output's logits, the first of a tuple,
+    the first value of a dict (torchvision segmentation's ``"out"`` beside ``"aux"``); None if there is none."""
+    output = model_output(output)
+    if isinstance(output, dict):
+        output = next(iter(output.values()), None)
+    return first_tensor(output)
+
+
 # -- the layouts ---------------------------------------------------------------------------------------------
 def channels_last(t: torch.Tensor) -> torch.Tensor:
     """B x h x w x C -> B x C x h x w."""
@@ -184,6 +193,7 @@ class Trace:
     layers: dict[str, LayerLayout] = field(default_factory=dict)
     channels_last_seen: bool = False
     auto: str | None = None  # the automatic layer, once chosen (see ``lumos.layers.auto_layer``)
+    output_shape: tuple[int, ...] | None = None  # the model's main output (see :func:`main_output`)
 
 
 _TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Trace]] = weakref.WeakKeyDictionary()
@@ -223,11 +233,13 @@ def _trace(model: nn.Module, x: torch.Tensor) -> Trace:
             add_forward_hook(m, lambda *a: None, n).remove()  # TorchScript cannot be hooked: the usual one-line error
             handles.append(m.register_forward_hook(hook, with_kwargs=True))
         with torch.no_grad():
-            model(x)
+            out = main_output(model(x))
     finally:
         for h in handles:
             h.remove()
-    return _analyse(calls, counts, (int(x.shape[-2]), int(x.shape[-1])))
+    result = _analyse(calls, counts, (int(x.shape[-2]), int(x.shape[-1])))
+    result.output_shape = None if out is None else tuple(out.shape)
+    return result
 
 
 class _Graph:

@@ -237,6 +237,7 @@ class IntegratedGradients(PixelMethod):
         points = torch.zeros(b, dtype=torch.long)
         attr = torch.zeros((b, k, *x.shape[1:]), dtype=x.dtype, device=x.device)
         base_scores = torch.zeros((b, k), dtype=x.dtype, device=x.device)
+        path_scores: list[tuple[torch.Tensor, torch.Tensor]] = []  # (images (n,), their scores on the path (P, n, K))
         for bl in base_list:
             for s in range(0, b, g):
                 xs, bs = x[s:s + g], bl[s:s + g]
@@ -245,7 +246,9 @@ class IntegratedGradients(PixelMethod):
                 diff = xs - bs
                 if adaptive:
                     def evaluate(al: torch.Tensor, act: list[int], bs=bs, diff=diff, images=images):
-                        return self._gradients(bs[act], diff[act], al, None, target, images[act], per_chunk)
+                        done = self._gradients(bs[act], diff[act], al, None, target, images[act], per_chunk)
+                        path_scores.append((images[act], done[1]))
+                        return done
 
                     total, base, used = adaptive_integral(evaluate, n, self.steps, self.max_steps, self.tolerance,
                                                           whole_group=callable_target)
@@ -253,10 +256,15 @@ class IntegratedGradients(PixelMethod):
                 else:
                     a_all, w_all = alphas[:, None].expand(-1, n), weights[:, None].expand(-1, n)
                     points[s:s + n] += len(alphas)
-                    total = self._gradients(bs, diff, a_all, w_all, target, images, per_chunk)[0]
+                    total, scores, _ = self._gradients(bs, diff, a_all, w_all, target, images, per_chunk)
+                    path_scores.append((images, scores))
                     base = self._baseline_scores(bs, target, images)
                 base_scores[s:s + n] += base
                 attr[s:s + n] += diff[:, None] * total
+        check = getattr(target, "check_path", None)  # a target that can be absent on the path (a detection box)
+        if check is not None:
+            check(torch.cat([i.repeat(sc.shape[0]) for i, sc in path_scores]),
+                  torch.cat([sc.flatten(0, 1) for _, sc in path_scores]))
         nb = len(base_list)
         attr = (attr / nb).flatten(0, 1)
         gap = fw.targets.scores.detach() - base_scores / nb

@@ -7,6 +7,7 @@ from PIL import Image
 
 import lumos
 from lumos.cli import main
+from lumos.errors import LumosError
 from lumos.method_settings import accepted, parse_settings, parse_value
 
 
@@ -80,3 +81,15 @@ def test_cli_names_only_the_refused_setting(capsys, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: scorecam does not accept the settings baseline="), err
     assert "max_channels" not in err and "--set integrated_gradients.baseline=black,blur" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key", ["output", "probs"])
+def test_run_level_arguments_are_not_method_settings(key):
+    """They were accepted and then silently replaced by the spec's own value (one forward for every method)."""
+    from lumos.explainer import ExplainSpec
+    from lumos.method_settings import parse_settings
+
+    with pytest.raises(LumosError, match=rf"--set {key}: '{key}' is set once for every method.*--{key} on the"):
+        parse_settings([f"gradcam.{key}=1"], ["gradcam", "gradients"])
+    with pytest.raises(LumosError, match=rf"ExplainSpec\({key}=...\) in Python"):
+        ExplainSpec(methods=("gradcam",), settings={"gradcam": {key: 1}})

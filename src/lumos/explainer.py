@@ -31,6 +31,8 @@ from lumos.targets import TOPK, TargetError, check_probs, to_probabilities
 
 _RESERVED = {"self", "model", "layer", "labels"}
 _OBJECTS = {"preprocess"}  # accepted, but objects the Explainer supplies
+#: Constructor arguments an ExplainSpec sets once for every method (one shared forward): not method settings
+RUN_LEVEL = {"output": "--output", "probs": "--probs"}
 
 
 def accepted_settings(name: str, base: str | None = None) -> set[str]:
@@ -40,7 +42,7 @@ def accepted_settings(name: str, base: str | None = None) -> set[str]:
     params = constructor_settings(cls)
     if cls.name == "smoothgrad":
         params |= accepted_settings(base or "gradients")
-    return params - _RESERVED
+    return params - _RESERVED - set(RUN_LEVEL)
 
 
 def build_method(name: str, model: nn.Module, layer: Any, labels: Sequence[str] | None,
@@ -264,9 +266,18 @@ def check_setting_types(method_kwargs: Mapping[str, Mapping[str, Any]]) -> None:
                              f"{' (or none)' if optional else ''}.")
 
 
+def run_level_message(key: str) -> str:
+    """Why ``key`` is not a per-method setting, and where it goes."""
+    return (f"'{key}' is set once for every method, not per method: ExplainSpec({key}=...) in Python, "
+            f"{RUN_LEVEL[key]} on the command line.")
+
+
 def check_method_settings(spec: MethodSpec) -> None:
     """Setting names and values of one method, checked without a model (constructors do no model work)."""
     kwargs = spec.kwargs
+    for key in kwargs:
+        if key in RUN_LEVEL:
+            raise LumosError(run_level_message(key))
     known = accepted_settings(spec.name, kwargs.get("base"))
     unknown = [k for k in kwargs if k not in known]
     if unknown:

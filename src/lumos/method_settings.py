@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from lumos.errors import LumosError, close_matches
-from lumos.explainer import _OBJECTS, build_method, check_setting_types
+from lumos.explainer import _OBJECTS, RUN_LEVEL, build_method, check_setting_types, run_level_message
 from lumos.explainer import accepted_settings as accepted
 from lumos.methods import method_class
 
@@ -49,6 +49,8 @@ def parse_settings(items: Sequence[str], methods: Sequence[str]) -> dict[str, di
     for scope, key, text, value in pairs:
         if scope is not None and scope not in out:
             raise LumosError(f"--set {scope}.{key}: {scope} is not among the methods ({', '.join(names)}).")
+        if key in RUN_LEVEL:
+            raise LumosError(f"--set {key}: {run_level_message(key)}")
         targets = [scope] if scope else names
         takers = [m for m in targets if key in accepted(m, bases.get(m)) - _OBJECTS]
         if not takers:

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 import lumos
+from cli_run import run_cli as _run
 from lumos import cli
-from lumos.cli import main
 
 W, H = 64, 48
 ESC = "\x1b"
@@ -32,12 +32,6 @@ def _rgb(seed: int = 0, size: tuple[int, int] = (W, H)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
 
 
-def _run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    assert ESC not in out + err  # not a terminal: no colour, no progress bar
-    return code, out, err
 
 
 def _error_lines(err: str) -> list[str]:

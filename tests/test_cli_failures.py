@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lumos.cli import main
+from cli_run import run_cli as _run
 
 MODEL = ["--model", "nets:GapNet", "--size", "32", "--method", "gradcam"]
 
@@ -23,11 +23,6 @@ def photos(tmp_path: Path) -> list[Path]:
     return paths
 
 
-def _run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 @pytest.mark.parametrize("extra", [[], ["--captions"]])

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cli_run import run_cli as _run
 from lumos.cli import main
 from lumos.errors import LumosError
 
@@ -78,11 +79,6 @@ def _lumos(*args, cwd: Path, timeout: float = 600) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def _run(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 TINY = ["--model", "polishnets:build", "--size", "32"]

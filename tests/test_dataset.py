@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lumos.cli import main
+from cli_run import run_cli as _cli
 from lumos.dataset import Item, RunOptions, explain_dataset, list_items, read_store
 from lumos.dataset.batch import decode_map
 from lumos.dataset.report import dataset_report, write_report
@@ -202,11 +202,6 @@ def test_unknown_label_and_topk_are_one_line_errors(data, tmp_path) -> None:
         explain_dataset([data], spec, tmp_path / "s2", options=RunOptions(target="class"), workers=0)
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

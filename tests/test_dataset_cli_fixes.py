@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lumos.cli import main
+from cli_run import run_cli as _cli
 from lumos.dataset import read_store
 from lumos.synthetic import make_dataset
 from lumos.synthetic.shortcut import write_image_folder
@@ -21,11 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["-m", "lumos.synthetic:load_tinycnn", "--size", "64", "--mean", "0", "--std", "1", "--workers", "0"]
 
 
-def _cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import lumos
+from detection_models import calibrated
 from lumos.engine import GradientError
 from lumos.targets import TargetError
 from lumos.tasks import DenseDetector, DetectionTarget, TorchvisionDetector, box_iou, dense_from_dicts, detections
@@ -273,22 +274,6 @@ def image() -> torch.Tensor:
     return torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
-def calibrated(detector: nn.Module) -> TorchvisionDetector:
-    """Random-init BatchNorm keeps unit running stats, so activations vanish with depth (1e-8 at the FPN):
-    set the stats from a few random images, as training would, so that boxes and gradients mean something."""
-    for m in detector.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    wrapped = TorchvisionDetector(detector).eval()
-    for m in detector.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-    with torch.no_grad():
-        wrapped(torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
-    return wrapped.eval()
-
-
 @pytest.fixture(scope="module")
 def faster_rcnn(one_thread) -> TorchvisionDetector:
     tv = pytest.importorskip("torchvision.models.detection")
@@ -296,7 +281,7 @@ def faster_rcnn(one_thread) -> TorchvisionDetector:
     det = tv.fasterrcnn_mobilenet_v3_large_fpn(
         weights=None, weights_backbone=None, num_classes=4, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0,
         box_detections_per_img=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50)
-    return calibrated(det)
+    return calibrated(det, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +298,7 @@ def retinanet(one_thread) -> TorchvisionDetector:
     for conv in det.head.classification_head.modules():  # torchvision's std-0.01 init: every score is 0.01
         if isinstance(conv, nn.Conv2d):
             nn.init.kaiming_normal_(conv.weight)
-    return calibrated(det)
+    return calibrated(det, SIZE)
 
 
 FRCNN_LAYER = "detector.backbone.body.13"

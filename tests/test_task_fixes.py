@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import lumos
+from detection_models import calibrated
 from lumos.errors import LumosError
 from lumos.layers import auto_layer
 from lumos.tasks import DetectionTarget, SegmentationModel, SegmentationTarget, TorchvisionDetector
@@ -17,27 +18,12 @@ SIZE = 96
 
 
 
-def calibrated(detector: nn.Module) -> TorchvisionDetector:
-    """BatchNorm statistics from a few random images (as in tests/test_detection.py), so boxes mean something."""
-    for m in detector.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    wrapped = TorchvisionDetector(detector).eval()
-    for m in detector.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.train()
-    with torch.no_grad():
-        wrapped(torch.rand(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
-    return wrapped.eval()
-
-
 def faster_rcnn(name: str) -> TorchvisionDetector:
     tv = pytest.importorskip("torchvision.models.detection")
     torch.manual_seed(0)
     return calibrated(getattr(tv, name)(
         weights=None, weights_backbone=None, num_classes=4, min_size=SIZE, max_size=SIZE, box_score_thresh=0.0,
-        box_detections_per_img=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50))
+        box_detections_per_img=100, rpn_pre_nms_top_n_test=100, rpn_post_nms_top_n_test=50), SIZE)
 
 
 # -- 1. the automatic layer of a detector -----------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
@@ -140,22 +141,8 @@ def _before_head(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLay
     output (see ``layouts.main_output``: ``"out"`` beside ``"aux"``) does not depend on are passed over (an
     auxiliary head), and so are the trailing maps with the output's K channels (the per-pixel classifier and
     what follows it: Grad-CAM there would show the class's own logits). One forward with autograd."""
-    modules = dict(model.named_modules())
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            seen.setdefault(name, first_tensor(output))
-
-        return hook
-
-    handles = [modules[i.name].register_forward_hook(record(i.name)) for i in infos]
-    try:
-        with torch.enable_grad():
-            out = layouts.main_output(model(x.detach().clone().requires_grad_(True)))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.enable_grad(), _recording(model, infos) as seen:
+        out = layouts.main_output(model(x.detach().clone().requires_grad_(True)))
     if out is None or out.ndim not in (3, 4) or out.grad_fn is None:
         return infos[-1].name
     reached: set[object] = set()
@@ -174,29 +161,36 @@ def _before_head(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLay
     return infos[-1].name
 
 
-def _spatial_gradients(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> dict[str, bool]:
-    """Per layer: whether the top output's gradient reaches at least half of its spatial positions."""
+@contextmanager
+def _recording(model: nn.Module, infos: list[layouts.LayerLayout]) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside, forwards record the first output tensor of each of ``infos``' modules (first call only)."""
     modules = dict(model.named_modules())
-    acts: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor] = {}
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            acts.setdefault(name, first_tensor(output))
+            seen.setdefault(name, first_tensor(output))
 
         return hook
 
     handles = [modules[i.name].register_forward_hook(record(i.name)) for i in infos]
     try:
-        with torch.enable_grad():
-            out = first_tensor(layouts.model_output(model(x.detach().clone().requires_grad_(True))))
-            if out is None or not out.requires_grad:
-                return {}
-            score = out.flatten(1)[0].max()
-            names = [i.name for i in infos if acts.get(i.name) is not None and acts[i.name].requires_grad]
-            grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True)
+        yield seen
     finally:
         for h in handles:
             h.remove()
+
+
+def _spatial_gradients(model: nn.Module, x: torch.Tensor, infos: list[layouts.LayerLayout]) -> dict[str, bool]:
+    """Per layer: whether the top output's gradient reaches at least half of its spatial positions."""
+    with torch.enable_grad():
+        with _recording(model, infos) as acts:
+            out = first_tensor(layouts.model_output(model(x.detach().clone().requires_grad_(True))))
+        if out is None or not out.requires_grad:
+            return {}
+        score = out.flatten(1)[0].max()
+        names = [i.name for i in infos if acts.get(i.name) is not None and acts[i.name].requires_grad]
+        grads = torch.autograd.grad(score, [acts[n] for n in names], allow_unused=True)
     by_name = {i.name: i for i in infos}
     reached = {}
     for name, g in zip(names, grads, strict=True):

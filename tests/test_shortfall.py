@@ -136,3 +136,21 @@ def test_the_task_page_result_names_the_shortfall():
     short = task_logic.explain_box(tm, image, det, 0, "scorecam", {"max_channels": 2, "tolerance": 1e-9})
     assert short.shortfall and short.shortfall.startswith("less exact than asked: it stopped at max_channels=2 masks")
     assert task_logic.explain_box(tm, image, det, 0, "gradcam").shortfall is None
+
+
+def test_lumos_explain_task_says_the_cap_once_for_the_run(tmp_path, capsys, caplog):
+    import logging
+
+    from cli_run import run_cli
+    from lumos.synthetic.scenes import make_scenes
+
+    for i, im in enumerate(make_scenes(2, seed=5).images):
+        Image.fromarray((im.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(tmp_path / f"scene{i}.png")
+    with caplog.at_level(logging.WARNING, logger="lumos"):  # in-process: pytest's handler, not the CLI's, gets it
+        code, _, _ = run_cli(capsys, "explain", tmp_path / "scene0.png", tmp_path / "scene1.png", "--task",
+                             "detection", "--method", "scorecam", "--set", "max_channels=1", "--set",
+                             "tolerance=1e-9", "--out", tmp_path / "out")
+    said = [r.getMessage() for r in caplog.records if "reached max_channels=1" in r.getMessage()]
+    assert code == 0 and len(said) == 1, said
+    boxes = int(said[0].split(" of ")[1].split()[0])
+    assert boxes == len(list((tmp_path / "out").glob("scene*_box[0-9]*.png"))) > 1  # one map per box, both images

@@ -25,6 +25,7 @@ from lumos.io import load_image
 from lumos.render import gallery, to_pil_image
 from lumos.render.boxes import draw_boxes, explained_box, explained_region
 from lumos.render.boxes import label_name as _name
+from lumos.shortfall import gather_shortfalls
 from lumos.tasks import DetectionTarget, SegmentationTarget, detections
 
 
@@ -260,16 +261,17 @@ def explain_task(task: str, images: Sequence[Path], out: Path, *, model: str | N
     explained: set[str] = set()
     if files:
         _make_dir(out)
-    for m in methods:
-        mine: list[tuple[str, str]] = []
-        with _writing(out):
-            written += run_task(task, files, out / m if len(methods) > 1 else out, method=m, size=size or 64,
-                                layer=layer, target=label, save=formats, colormap=colormap, alpha=alpha,
-                                device=where, settings=method_settings.get(m), failures=mine)
-        failed = {image for image, _ in mine}
-        explained |= {str(f) for f in files if str(f) not in failed}
-        prefix = f"{m}: " if len(methods) > 1 else ""
-        failures += [(image, prefix + (why if image in why else f"{image}: {why}")) for image, why in mine]
+    with gather_shortfalls():  # a method's cap is said once for the run, not once per image
+        for m in methods:
+            mine: list[tuple[str, str]] = []
+            with _writing(out):
+                written += run_task(task, files, out / m if len(methods) > 1 else out, method=m, size=size or 64,
+                                    layer=layer, target=label, save=formats, colormap=colormap, alpha=alpha,
+                                    device=where, settings=method_settings.get(m), failures=mine)
+            failed = {image for image, _ in mine}
+            explained |= {str(f) for f in files if str(f) not in failed}
+            prefix = f"{m}: " if len(methods) > 1 else ""
+            failures += [(image, prefix + (why if image in why else f"{image}: {why}")) for image, why in mine]
     for _, reason in failures:
         err_console.print(f"error: {reason}", highlight=False, markup=False)
     out_console.print(f"Explained {len(explained)} image(s) with {len(methods)} method(s): {len(written)} file(s) in "

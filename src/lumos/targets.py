@@ -264,7 +264,10 @@ def resolve_targets(
 class SegmentationTarget:
     """Score = sum of a class's logits over a region of a (B, classes, H, W) segmentation output.
 
-    ``mask`` (H, W) or (B, H, W) restricts the region; by default the pixels predicted as ``category``.
+    ``mask`` (H, W) or (B, H, W) restricts the region; by default the pixels predicted as ``category`` on
+    *each* output scored, so perturbed copies (Score-CAM, occlusion, RISE, deletion) are scored on their own
+    predicted pixels. :class:`lumos.tasks.SegmentationTarget` (which extends this one) fixes the region on the
+    clean output and adds ``box=`` and ``reduce=``: use it for those methods.
     """
 
     def __init__(self, category: int, mask: torch.Tensor | None = None) -> None:

@@ -87,6 +87,16 @@ def test_keras_logging_does_not_change_training(data):
     logger = ExplanationLogger(x[:2], y[:2], layer="conv2", sinks=[MemorySink()], every_n_steps=1)
     keras.utils.set_random_seed(1)
     watched.fit(x, y, epochs=1, batch_size=8, verbose=0, shuffle=True, callbacks=[LumosKerasCallback(logger)])
-    assert len(logger.sinks[0].images["lumos/gradcam/00"]) == 3  # 2 batches + the epoch end
+    # batches 1, 2; the epoch end falls on batch 2, already logged
+    assert [s for s, _, _ in logger.sinks[0].images["lumos/gradcam/00"]] == [1, 2]
     for a, b in zip(plain.get_weights(), watched.get_weights(), strict=True):  # incl. BN moving stats
         np.testing.assert_array_equal(a, b)
+
+
+def test_keras_epoch_and_step_logging_share_one_axis(data):
+    x, y, _ = data
+    sink = MemorySink()
+    logger = ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[sink], every_n_epochs=1, every_n_steps=3)
+    build().fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[LumosKerasCallback(logger)])
+    # 2 batches per epoch: steps 3 (batches), 2 and 4 (epoch ends, as batch counts, not epochs 0 and 1)
+    assert [s for s, _, _ in sink.images["lumos/gradcam/00"]] == [2, 3, 4]

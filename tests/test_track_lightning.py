@@ -59,3 +59,33 @@ def test_lightning_every_n_steps_uses_global_step():
                                every_n_epochs=None, every_n_steps=2)
     fit(LumosCallback(logger), data)  # 2 batches x 2 epochs = global steps 1..4
     assert [s for s, _, _ in sink.images["lumos/gradcam/00"]] == [2, 4]
+
+
+def _fit_steps(logger: ExplanationLogger, sink: MemorySink, epochs: int = 2, **trainer_kw) -> list[int]:
+    data = make_dataset(32, size=32, seed=5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=4)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=[LumosCallback(logger)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1, **trainer_kw)
+    trainer.fit(Module(), loader)
+    return [s for s, _, _ in sink.images["lumos/gradcam/00"]]
+
+
+def test_gradient_accumulation_logs_once_per_optimiser_step():
+    data = make_dataset(2, size=32, seed=5)
+    sink = MemorySink()
+    logger = ExplanationLogger(data.images, data.labels, layer="net.features.block4", sinks=[sink],
+                               every_n_epochs=None, every_n_steps=1)
+    # 8 batches x 2 epochs, 4 micro-batches per optimiser step: global steps 1..4, never 0 (no step taken yet)
+    assert _fit_steps(logger, sink, accumulate_grad_batches=4) == [1, 2, 3, 4]
+
+
+def test_epoch_and_step_logging_share_one_axis():
+    data = make_dataset(2, size=32, seed=5)
+    sink = MemorySink()
+    logger = ExplanationLogger(data.images, data.labels, layer="net.features.block4", sinks=[sink],
+                               every_n_epochs=1, every_n_steps=4)
+    steps = _fit_steps(logger, sink)  # 8 optimiser steps per epoch: epoch ends fall on logged steps 8 and 16
+    assert steps == sorted(set(steps)) == [4, 8, 12, 16]
+    with pytest.raises(ValueError, match="one axis"):
+        LumosCallback(logger, step="epoch")

@@ -23,8 +23,10 @@ if keras.backend.backend() != "torch":
 class LumosKerasCallback(keras.callbacks.Callback):
     """Log explanations with an :class:`ExplanationLogger` during ``model.fit``.
 
-    At the end of every ``logger.every_n_epochs``-th epoch (step = the epoch index) and after every
-    ``logger.every_n_steps``-th batch (step = the number of batches trained so far).
+    After every ``logger.every_n_steps``-th batch (step = the number of batches trained so far) and at the
+    end of every ``logger.every_n_epochs``-th epoch: step = the epoch index, or the number of batches when
+    the logger also logs every N steps (so one tag never mixes two x-axes; a step already logged is not
+    logged again).
     """
 
     def __init__(self, logger: ExplanationLogger, close: bool = True) -> None:
@@ -32,15 +34,22 @@ class LumosKerasCallback(keras.callbacks.Callback):
         self.logger = logger
         self.close = close
         self.global_step = 0
+        self._last: int | None = None  # the batch count last logged
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.global_step += 1
         if self.logger.every_n_steps and self.logger.due_step(self.global_step):
+            self._last = self.global_step
             self.logger.log(self.model, self.global_step)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if self.logger.due_epoch(epoch):
+        if not self.logger.due_epoch(epoch):
+            return
+        if not self.logger.every_n_steps:
             self.logger.log(self.model, epoch)
+        elif self._last != self.global_step:
+            self._last = self.global_step
+            self.logger.log(self.model, self.global_step)
 
     def on_train_end(self, logs: Any = None) -> None:
         if self.close:

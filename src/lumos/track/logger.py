@@ -113,8 +113,8 @@ class ExplanationLogger:
         self.class_names = None if class_names is None else [str(c) for c in class_names]
         sink_specs = [sinks] if isinstance(sinks, Sink | str) else list(sinks)
         self.sinks = [make_sink(s) for s in sink_specs]
-        self.every_n_epochs = every_n_epochs
-        self.every_n_steps = every_n_steps
+        self.every_n_epochs = _every("every_n_epochs", every_n_epochs)
+        self.every_n_steps = _every("every_n_steps", every_n_steps)
         shown = self.images if display_images is None else to_nchw(display_images)[0]
         if shown.shape[0] != b:
             raise LumosError(f"display_images has {shown.shape[0]} images; the probe has {b}.")
@@ -149,7 +149,7 @@ class ExplanationLogger:
         if not is_keras_model(model):
             if not isinstance(model, nn.Module):
                 raise LumosError(f"model must be a torch.nn.Module or a Keras 3 model, not {type(model).__name__}.")
-            return model, self.layer, self.feature_layer
+            return unwrap(model), _inner_name(self.layer), _inner_name(self.feature_layer)
         names = [keras_auto_layer(model) if spec == "auto" else str(spec) for spec in (self.layer, self.feature_layer)]
         adapter = self._adapters.get(id(model))
         if adapter is None or adapter.keras_model is not model:
@@ -181,16 +181,26 @@ class ExplanationLogger:
         return [tag for tag, _, _ in items]
 
     def _collect(self, net: nn.Module, layer: Any, flayer: Any) -> tuple[list[tuple[str, Image.Image, str]], dict]:
+        param = next(iter(net.parameters()), None)
+        device = torch.device("cpu") if param is None else param.device
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        x = self.images.to(device, dtype)  # a half/bfloat16/float64 model gets probes of its own dtype
         try:
-            device = next(net.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        x = self.images.to(device)
-        with model_guard(net), torch.no_grad():
-            out = net(x)
+            with model_guard(net), torch.no_grad():
+                out = net(x)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise LumosError(f"The model fails on the probe images {tuple(x.shape)} ({dtype}, {device}): {first}") \
+                from err
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
             raise LumosError("ExplanationLogger needs a classifier returning (batch, classes) logits.")
         out = out.detach().float().cpu()
+        n_classes = max(out.shape[1], 2)
+        if self.labels is not None and not bool(((self.labels >= 0) & (self.labels < n_classes)).all()):
+            bad = next(int(v) for v in self.labels if not 0 <= int(v) < n_classes)
+            raise LumosError(f"Probe label {bad} is not a class of this model (its head has {n_classes} classes: "
+                             f"0..{n_classes - 1}).")
+        finite = out.isfinite().all(1)
         binary = out.shape[1] == 1
         dist = probabilities(out)  # the library's one probability decision
         if binary:
@@ -208,6 +218,8 @@ class ExplanationLogger:
         for i in range(b):
             pred = int(preds[i])
             cap = f"#{i} pred: {self._name(pred, binary)} ({float(probs[i, pred]):.2f})"
+            if not finite[i]:  # argmax of NaN logits is no prediction
+                cap = f"#{i} pred: none (the output is not finite)"
             if self.labels is not None:
                 lab = int(self.labels[i])
                 cap = f"#{i} label: {self._name(lab, binary)}, " + cap[len(f"#{i} "):]
@@ -238,6 +250,8 @@ class ExplanationLogger:
         found: list[tuple[str, Image.Image, str]] = []
         if method == FEATURES:
             fm = feature_maps(net, x, layer=flayer, n=self.n_features)
+            if not bool(fm.activations.isfinite().all()):  # NaN tiles would be drawn as flat, "quiet" channels
+                raise LumosError("the feature maps are not finite (NaN or inf): check the model's weights.")
             for i in range(b):
                 grid = channel_tiles(fm.activations[i], fm.top_channels[i])
                 found.append((f"{self.prefix}/{FEATURES}/{i:02d}", with_caption(grid, captions[i]), captions[i]))
@@ -305,6 +319,15 @@ class ExplanationLogger:
         self.close()
 
 
+def _every(name: str, value: int | None) -> int | None:
+    """A logging period: ``None``/``0`` (never) or a positive int; anything else is a one-line error now."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise LumosError(f"{name} must be a positive int or None (never), not {value!r}.")
+    return value or None
+
+
 def _method_settings(methods: Sequence[str], settings: Mapping[str, Mapping[str, Any]] | None,
                      ) -> dict[str, dict[str, Any]]:
     """``settings`` by registered method name, after checking every method name and setting (one-line errors)."""
@@ -317,6 +340,32 @@ def _method_settings(methods: Sequence[str], settings: Mapping[str, Mapping[str,
         checked[name] = dict(kwargs)
         check_method_settings(MethodSpec(name, tuple(sorted(checked[name].items()))))
     return checked
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers.
+
+    Explaining the wrapper itself would run DDP's gradient-sync machinery outside a training step (the next
+    training step then fails) and need ``module.``/``_orig_mod.`` layer names; the inner network has the
+    same parameters, so the maps are the same.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _inner_name(spec: Any) -> Any:
+    """A layer name without the wrappers' ``module.``/``_orig_mod.`` prefixes (other specs unchanged)."""
+    while isinstance(spec, str) and spec.startswith(WRAPPER_PREFIXES):
+        spec = spec.split(".", 1)[1]
+    return spec
 
 
 class _BinaryTarget:

@@ -21,7 +21,10 @@ def test_gradcam_ranks_well_above_random_on_the_synthetic_benchmark():
     assert g["pointing_game"] >= 0.85 and r["pointing_game"] <= 0.2
     assert g["pointing_game"] - r["pointing_game"] >= 0.6
     assert g["energy_pointing_game"] > 3 * r["energy_pointing_game"]
-    assert g["insertion_auc"] > r["insertion_auc"] and g["deletion_auc"] < r["deletion_auc"]
+    assert g["insertion_auc"] > r["insertion_auc"]
+    # No deletion claim: after the first step (which removes the object for both maps) the curves differ only by
+    # the order of Grad-CAM's zero plateau; in raster order (the old tie rule) that order looked better than random,
+    # in an order unrelated to the layout it does not (tests/test_evaluate_audit.py).
     assert report.best()["pointing_game"] == "gradcam"
 
 

@@ -40,6 +40,9 @@ def check_maps(maps: object, images: torch.Tensor, *, resize: bool = True) -> to
             f"maps must be (B, H, W) with B = {images.shape[0]} images; got {tuple(maps.shape)}."
         )
     m = m.to(device=images.device, dtype=torch.float32)
+    if not bool(m.isfinite().all()):
+        bad = sorted({int(i) for i in (~m.isfinite()).flatten(1).any(1).nonzero()[:, 0]})
+        raise LumosError(f"maps must be finite; the map of image(s) {bad} holds NaN or infinite values.")
     size = tuple(images.shape[-2:])
     if resize and tuple(m.shape[-2:]) != size:
         m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -133,6 +136,13 @@ def resolve_classes(
     if t.numel() != b:
         raise LumosError(f"Got {t.numel()} targets for {b} images; give one per image, one for all, or None.")
     return t.clone()
+
+
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) True where a map has one value everywhere (all zero, say): it ranks no pixel above another, so a
+    metric that needs a ranking or a weighting of the pixels is undefined for it."""
+    flat = maps.flatten(1)
+    return flat.amax(1) == flat.amin(1)
 
 
 def minmax(maps: torch.Tensor) -> torch.Tensor:

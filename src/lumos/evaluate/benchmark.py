@@ -110,6 +110,11 @@ def _mean(t: torch.Tensor) -> float:
     return float(t[ok].mean()) if ok.any() else float("nan")
 
 
+def mean_curve(curves: torch.Tensor) -> list[float]:
+    """The mean curve over the images whose curve is defined (a constant map's is NaN)."""
+    return torch.nanmean(curves.float(), 0).tolist()
+
+
 def evaluate_methods(
     model: nn.Module,
     images: torch.Tensor,
@@ -164,7 +169,8 @@ def evaluate_methods(
             i = insertion(model, x, maps, classes)
             per["deletion_auc"], per["insertion_auc"] = d.auc, i.auc
             r = drop(model, x, maps, classes)
-            per["avg_drop"], per["avg_increase"] = r.drop, r.increase.float()
+            per["avg_drop"] = r.drop  # NaN where the map is constant (undefined), as are the AUCs
+            per["avg_increase"] = r.increase.float().masked_fill(~r.defined, float("nan"))
             if sanity and name != RANDOM:
                 k = min(sanity_images, x.shape[0])
                 cascade = CascadingRandomisation(
@@ -188,8 +194,8 @@ def evaluate_methods(
         report.per_image[name] = {k: [float(t) for t in v.float()] for k, v in per.items()}
         report.curves[name] = {
             "fractions": d.fractions.tolist(),
-            "deletion": d.curves.mean(0).tolist(),
-            "insertion": i.curves.mean(0).tolist(),
+            "deletion": mean_curve(d.curves),
+            "insertion": mean_curve(i.curves),
         }
     return report
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from lumos.errors import LumosError
 from lumos.evaluate._common import check_positive
-from lumos.evaluate.benchmark import RANDOM, EvaluationReport
+from lumos.evaluate.benchmark import RANDOM, EvaluationReport, mean_curve
 from lumos.evaluate.faithfulness import CurveResult, Deletion
 from lumos.evaluate.localisation import PointingGame, RelevanceMass
 
@@ -217,7 +217,7 @@ def score_methods(
         per["deletion_auc"] = curve.auc.cpu()
         report.rows[name] = {k: _mean(v) for k, v in per.items()}
         report.per_image[name] = {k: [float(t) for t in v.float()] for k, v in per.items()}
-        report.curves[name] = {"fractions": curve.fractions.tolist(), "deletion": curve.curves.mean(0).tolist()}
+        report.curves[name] = {"fractions": curve.fractions.tolist(), "deletion": mean_curve(curve.curves)}
     return report
 
 

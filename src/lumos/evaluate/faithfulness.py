@@ -23,6 +23,7 @@ from lumos.evaluate._common import (
     check_model,
     check_positive,
     class_target,
+    constant_maps,
     minmax,
     resolve_classes,
     scoring,
@@ -39,23 +40,37 @@ class CurveResult:
 
     ``curves`` (B, steps+1): probability of the target class after step k; ``fractions`` (steps+1,):
     the share of pixels removed/inserted at step k; ``auc`` (B,): trapezoid area over ``fractions``
-    (in [0, 1] since probabilities are); ``classes`` (B,): the scored classes.
+    (in [0, 1] since probabilities are); ``classes`` (B,): the scored classes; ``defined`` (B,): False where the
+    map is constant (all zero, say): it ranks no pixel above another, so its curve and AUC are NaN.
     """
 
     curves: torch.Tensor
     fractions: torch.Tensor
     auc: torch.Tensor
     classes: torch.Tensor
+    defined: torch.Tensor | None = None
 
     @property
     def mean_auc(self) -> float:
-        return float(self.auc.mean())
+        """Mean AUC over the images whose map is defined (NaN when none is)."""
+        ok = ~self.auc.isnan()
+        return float(self.auc[ok].mean()) if bool(ok.any()) else float("nan")
 
 
-def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
-    """Rank (B, H*W) of every pixel: 0 = most important. Ties keep raster order (stable sort)."""
+def pixel_ranks(maps: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
+    """Rank (B, H*W) of every pixel: 0 = most important.
+
+    Tied pixels (a plateau of a map, its zeros) are ordered by one random permutation of the pixel positions
+    drawn from ``seed`` (the same for every image, so an image's ranks do not depend on the batch), not in raster
+    order: raster order would remove a plateau's top rows first and so favour objects at the top of the image.
+    ``seed=None``: raster order (the previous behaviour)."""
     flat = maps.flatten(1)
-    order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    n = flat.shape[1]
+    if seed is None:
+        order = torch.argsort(flat, dim=1, descending=True, stable=True)
+    else:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(flat.device)
+        order = perm[torch.argsort(flat[:, perm], dim=1, descending=True, stable=True)]
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(flat.shape[1], device=flat.device).expand_as(order))
     return ranks
@@ -114,11 +129,13 @@ class _PixelCurve:
 
     kind = ""
 
-    def __init__(self, steps: int = 100, batch_size: int = 64, output: OutputSpec = None, eval_mode: bool = True):
+    def __init__(self, steps: int = 100, batch_size: int = 64, output: OutputSpec = None, eval_mode: bool = True,
+                 seed: int | None = 0):
         self.steps = check_positive("steps", steps)
         self.batch_size = check_positive("batch_size", batch_size)
         self.output = output
         self.eval_mode = eval_mode
+        self.seed = seed
 
     def endpoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -139,7 +156,7 @@ class _PixelCurve:
             classes, target = curve_target(model, x, targets, self.output)
             start, end = self.endpoints(x)
             start, end = start.flatten(2), end.flatten(2)
-            ranks = pixel_ranks(m)
+            ranks = pixel_ranks(m, self.seed)
             counts = step_counts(n_pix, self.steps).to(x.device)
             n_points = self.steps + 1
 
@@ -151,9 +168,10 @@ class _PixelCurve:
 
             curves = score_inputs(model, perturbed, b * n_points, target, output=self.output,
                                   batch_size=self.batch_size)[:, 0]
-        curves = curves.view(b, n_points)
+        defined = ~constant_maps(m)
+        curves = curves.view(b, n_points).masked_fill(~defined[:, None], float("nan"))
         fractions = counts.float() / n_pix
-        return CurveResult(curves, fractions, torch.trapezoid(curves, fractions, dim=1), classes)
+        return CurveResult(curves, fractions, torch.trapezoid(curves, fractions, dim=1), classes, defined)
 
 
 class Deletion(_PixelCurve):
@@ -169,6 +187,9 @@ class Deletion(_PixelCurve):
         batch_size: perturbed images per forward (memory bound).
         output: selects the tensor to score when the model returns a tuple/dict.
         eval_mode: score in eval mode (restored afterwards).
+        seed: the order of tied pixels (:func:`pixel_ranks`); None: raster order.
+
+    A constant map (all zero, say) orders no pixel: its curve and AUC are NaN (``CurveResult.defined`` False).
     """
 
     kind = "deletion"
@@ -180,8 +201,9 @@ class Deletion(_PixelCurve):
         batch_size: int = 64,
         output: OutputSpec = None,
         eval_mode: bool = True,
+        seed: int | None = 0,
     ) -> None:
-        super().__init__(steps, batch_size, output, eval_mode)
+        super().__init__(steps, batch_size, output, eval_mode, seed)
         self.substrate = substrate
 
     def endpoints(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +220,7 @@ class Insertion(_PixelCurve):
         blur_kernel, blur_sigma: the Gaussian blur of the starting image (default 11 px, sigma 5, as in
             the RISE code).
         substrate: overrides the blur: a number, tensor or callable giving the starting image.
-        batch_size, output, eval_mode: as for :class:`Deletion`.
+        batch_size, output, eval_mode, seed: as for :class:`Deletion`.
     """
 
     kind = "insertion"
@@ -212,8 +234,9 @@ class Insertion(_PixelCurve):
         batch_size: int = 64,
         output: OutputSpec = None,
         eval_mode: bool = True,
+        seed: int | None = 0,
     ) -> None:
-        super().__init__(steps, batch_size, output, eval_mode)
+        super().__init__(steps, batch_size, output, eval_mode, seed)
         self.blur_kernel = blur_kernel
         self.blur_sigma = blur_sigma
         self.substrate = substrate
@@ -228,21 +251,28 @@ class Insertion(_PixelCurve):
 class DropResult:
     """Per image: ``drop`` = max(0, Y - O) / Y and ``increase`` = 1 if O > Y, with Y the target's
     probability on the image and O on the image multiplied by the map. The paper's percentages are
-    ``100 * avg_drop`` and ``100 * increase_rate``."""
+    ``100 * avg_drop`` and ``100 * increase_rate``. ``defined`` False: the map is constant (all zero, say), so
+    it weights no pixel above another; its ``drop`` is NaN, its ``increase`` False, and both averages leave it out."""
 
     drop: torch.Tensor
     increase: torch.Tensor
     probs: torch.Tensor
     masked_probs: torch.Tensor
     classes: torch.Tensor
+    defined: torch.Tensor | None = None
+
+    def _ok(self) -> torch.Tensor:
+        return torch.ones_like(self.increase, dtype=torch.bool) if self.defined is None else self.defined
 
     @property
     def avg_drop(self) -> float:
-        return float(self.drop.mean())
+        ok = self._ok()
+        return float(self.drop[ok].mean()) if bool(ok.any()) else float("nan")
 
     @property
     def increase_rate(self) -> float:
-        return float(self.increase.float().mean())
+        ok = self._ok()
+        return float(self.increase[ok].float().mean()) if bool(ok.any()) else float("nan")
 
 
 class AverageDropIncrease:
@@ -267,6 +297,7 @@ class AverageDropIncrease:
         model = check_model(model)
         x = check_images(images)
         m = check_maps(maps, x, resize=False)
+        defined = ~constant_maps(m)
         if self.normalize:
             m = minmax(m)
         m = check_maps(m, x)
@@ -280,4 +311,6 @@ class AverageDropIncrease:
                 o.append(target_probs(model, x[sl] * m[sl, None], target, index, self.output))
         y_, o_ = torch.cat(y), torch.cat(o)
         drop = (y_ - o_).clamp_min(0) / y_.clamp_min(torch.finfo(y_.dtype).tiny)
-        return DropResult(drop, o_ > y_, y_, o_, classes)
+        defined = defined.to(drop.device)
+        drop = drop.masked_fill(~defined, float("nan"))
+        return DropResult(drop, (o_ > y_) & defined, y_, o_, classes, defined)

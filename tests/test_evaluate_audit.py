@@ -1,0 +1,106 @@
+"""Audit of the evaluation metrics: undefined cases say so (NaN), tied pixels carry no layout bias, and each
+number is checked against a closed form or an independent reference (scipy, scikit-image)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lumos.errors import LumosError
+from lumos.evaluate import AverageDropIncrease, Deletion, Insertion, pixel_ranks
+
+
+class RegionSigmoid(nn.Module):
+    """logits = (a * (mean of the pixels in ``region``) - a / 2, 0): p(class 0) = sigmoid(a * (mean - 1/2))."""
+
+    def __init__(self, region: torch.Tensor, a: float = 6.0) -> None:
+        super().__init__()
+        self.register_buffer("region", region.float())
+        self.a = a
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = (x[:, 0] * self.region).flatten(1).sum(1, keepdim=True) / self.region.sum()
+        s = self.a * (mean - 0.5)
+        return torch.cat([s, torch.zeros_like(s)], 1)
+
+
+def sig(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-v))
+
+
+# -- deletion: ties ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["top", "bottom"])
+def test_deletion_of_a_tied_plateau_has_no_raster_bias(where):
+    """A map that ranks one pixel and ties all others (a CAM's zeros, a plateau) says nothing about where the
+    object is; deleting the plateau in raster order made an object in the top rows look 'explained' (low AUC)
+    and one in the bottom rows not. Closed form: with the plateau in an order unrelated to the layout, the
+    object loses on average the same share of its pixels as the image, f_k = (c_k - 1) / (n - 1) after
+    c_k > 0 pixels, so p_k ~ sigmoid(a (1 - f_k - 1/2))."""
+    h = w = 32
+    region = torch.zeros(h, w, dtype=torch.bool)
+    if where == "top":
+        region[:8] = True
+    else:
+        region[-8:] = True
+    model = RegionSigmoid(region)
+    x = torch.ones(1, 1, h, w)
+    maps = torch.zeros(1, h, w)
+    maps[0, 16, 16] = 1.0  # outside the object; every other pixel tied at 0
+    steps = 64
+    d = Deletion(steps=steps)(model, x, maps, 0)
+    n = h * w
+    counts = [k * n // steps for k in range(steps + 1)]
+    ref = [sig(6.0 * (1 - max(c - 1, 0) / (n - 1) - 0.5)) for c in counts]
+    fr = [c / n for c in counts]
+    ref_auc = sum((fr[i + 1] - fr[i]) * (ref[i] + ref[i + 1]) / 2 for i in range(steps))
+    assert d.auc.item() == pytest.approx(ref_auc, abs=0.02)
+    # raster order (seed=None, the old behaviour) is far off in one direction or the other
+    raster = Deletion(steps=steps, seed=None)(model, x, maps, 0).auc.item()
+    assert abs(raster - ref_auc) > 0.2
+
+
+def test_tie_order_is_the_same_for_every_image_and_keeps_the_strict_order():
+    g = torch.Generator().manual_seed(1)
+    maps = torch.randint(0, 3, (3, 6, 7), generator=g).float()  # many ties
+    ranks = pixel_ranks(maps)
+    flat = maps.flatten(1)
+    for i in range(3):  # a higher value always ranks first; ranks are a permutation
+        assert sorted(ranks[i].tolist()) == list(range(42))
+        hi, lo = flat[i][:, None] > flat[i][None, :], ranks[i][:, None] < ranks[i][None, :]
+        assert bool(lo[hi].all())
+    alone = torch.cat([pixel_ranks(maps[i : i + 1]) for i in range(3)])
+    assert torch.equal(alone, ranks)  # an image's ranks do not depend on the rest of the batch
+
+
+# -- constant maps: undefined, not a plausible number -------------------------------------------------------
+@pytest.mark.parametrize("value", [0.0, 0.7])
+def test_constant_maps_give_nan_curves_and_auc(value):
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:2] = True
+    model = RegionSigmoid(region)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    maps = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(1))
+    maps[1] = value
+    for metric in (Deletion(steps=4), Insertion(steps=4, substrate=0.0)):
+        r = metric(model, x, maps, 0)
+        assert r.defined.tolist() == [True, False]
+        assert r.auc[1].isnan() and r.curves[1].isnan().all()
+        assert not r.auc[0].isnan()
+        assert r.mean_auc == pytest.approx(r.auc[0].item())  # the mean is over the defined images
+    drop = AverageDropIncrease()(model, x, maps, 0)
+    assert drop.defined.tolist() == [True, False]
+    assert drop.drop[1].isnan() and not drop.drop[0].isnan()
+    y0, o0 = drop.probs[0].item(), drop.masked_probs[0].item()
+    assert drop.avg_drop == pytest.approx(max(0.0, y0 - o0) / y0, abs=1e-6)
+    assert drop.increase_rate == float(o0 > y0)
+
+
+def test_non_finite_maps_are_refused():
+    model = RegionSigmoid(torch.ones(4, 4, dtype=torch.bool))
+    maps = torch.rand(2, 4, 4)
+    maps[1, 2, 2] = float("nan")
+    with pytest.raises(LumosError, match=r"maps must be finite.*\[1\]"):
+        Deletion(steps=4)(model, torch.rand(2, 1, 4, 4), maps, 0)

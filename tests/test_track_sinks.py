@@ -152,3 +152,17 @@ def test_mlflow_local_file_store(tmp_path, data, monkeypatch):
                            for s in range(2))
     hist = client.get_metric_history(sink.run_id, "lumos/gradcam/deletion_auc")
     assert sorted(m.step for m in hist) == [0, 1]
+
+
+def test_wandb_own_run_says_once_when_a_step_goes_back(wandb_env, data, caplog):
+    import logging
+
+    sink = WandbSink(project="lumos-test", dir=wandb_env)
+    logger = ExplanationLogger(data.images[:1], data.labels[:1], sinks=[sink], layer="features.block4")
+    net = TinyCNN()
+    with caplog.at_level(logging.WARNING, logger="lumos.track"):
+        for step in (0, 5, 3, 2):  # e.g. epoch numbers after step numbers: W&B drops steps 3 and 2
+            logger.log(net, step)
+    logger.close()
+    said = [r.getMessage() for r in caplog.records if "W&B drops" in r.getMessage()]
+    assert len(said) == 1 and "step 3, below the run's current step" in said[0]

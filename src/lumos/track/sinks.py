@@ -121,6 +121,7 @@ class WandbSink(Sink):
         self.wandb = require("wandb", "wandb")
         self.step_key = step_key
         self._defined: set[str] = set()
+        self._warned_back = False
         if run is None and self.wandb.run is not None:
             run = self.wandb.run
         if run is None:
@@ -133,6 +134,12 @@ class WandbSink(Sink):
 
     def _log(self, data: dict[str, Any], step: int) -> None:
         if self._owned:
+            current = getattr(self.run, "step", None)
+            if isinstance(current, int) and step < current and not self._warned_back:
+                self._warned_back = True  # once: W&B itself drops every such row
+                log.warning("lumos.track: W&B drops data logged at step %d, below the run's current step %d; "
+                            "log with increasing steps (or give WandbSink your run: it then logs lumos/step).",
+                            step, current)
             self.run.log(data, step=step)
             return
         for key in data:

@@ -104,3 +104,46 @@ def test_non_finite_maps_are_refused():
     maps[1, 2, 2] = float("nan")
     with pytest.raises(LumosError, match=r"maps must be finite.*\[1\]"):
         Deletion(steps=4)(model, torch.rand(2, 1, 4, 4), maps, 0)
+
+
+# -- localisation -------------------------------------------------------------------------------------------
+def test_localisation_of_a_constant_or_non_positive_map_is_nan():
+    from lumos.evaluate import EnergyPointingGame, PointingGame, RelevanceMass
+
+    mask = torch.zeros(3, 6, 6, dtype=torch.bool)
+    mask[:, :2, :2] = True  # holds the top-left corner, where "first" of a constant map used to point
+    maps = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
+    maps[1] = 0.0  # blank
+    maps[2] = -maps[2]  # signed, nothing positive (not constant)
+    pg_first, pg_any = PointingGame()(maps=maps, masks=mask), PointingGame(ties="any")(maps=maps, masks=mask)
+    assert pg_first[1].isnan() and pg_any[1].isnan()
+    assert not pg_first[0].isnan() and not pg_first[2].isnan()  # a negative map still has a maximum
+    for metric in (EnergyPointingGame(), EnergyPointingGame(use_box=False), RelevanceMass()):
+        out = metric(maps=maps, masks=mask)
+        assert out[1:].isnan().all(), type(metric).__name__
+        pos = maps[0].clamp_min(0)
+        assert out[0].item() == pytest.approx((pos * mask[0]).sum().item() / pos.sum().item(), rel=1e-6)
+    flat = torch.full((1, 6, 6), 0.3)
+    assert RelevanceMass()(maps=flat, masks=mask[:1]).isnan().all()  # only the mask's area share: no information
+
+
+def test_localisation_upsamples_a_small_map_to_the_images_so_boxes_are_in_image_pixels():
+    import torch.nn.functional as F
+
+    from lumos.evaluate import EnergyPointingGame, PointingGame, RelevanceMass
+
+    images = torch.rand(2, 3, 16, 16)
+    small = torch.zeros(2, 4, 4)
+    small[0, 3, 3] = 1.0  # bottom-right cell
+    small[1, 0, 1] = 1.0  # top row, second cell
+    boxes = torch.tensor([[8, 8, 16, 16], [4, 0, 8, 4]])  # in image pixels, x1/y1 exclusive
+    big = F.interpolate(small[:, None], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    for metric in (PointingGame(), PointingGame(tolerance=3.0), EnergyPointingGame(), RelevanceMass()):
+        got = metric(images=images, maps=small, masks=boxes)
+        ref = metric(maps=big, masks=boxes)
+        assert torch.allclose(got, ref), type(metric).__name__
+    assert PointingGame()(images=images, maps=small, masks=boxes).tolist() == [1.0, 1.0]
+    masks = torch.zeros(2, 16, 16, dtype=torch.bool)
+    masks[0, 8:, 8:] = True
+    masks[1, :4, 4:8] = True
+    assert torch.allclose(RelevanceMass()(images=images, maps=small, masks=masks), RelevanceMass()(maps=big, masks=boxes))

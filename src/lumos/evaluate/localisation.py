@@ -1,6 +1,14 @@
 """Localisation against ground truth (object masks or boxes): pointing game, energy-based pointing game,
 relevance mass accuracy. All batched in torch; the model is not needed (the argument is accepted so every
-metric shares the ``(model, images, maps, targets, masks)`` call)."""
+metric shares the ``(model, images, maps, targets, masks)`` call).
+
+With ``images`` given, a map of another size (a CAM at its layer's resolution) is first upsampled bilinearly to the
+images' size, so masks and boxes are in image pixels, as is the pointing game's tolerance. Without ``images`` the
+maps are scored as they are: masks must have their size and boxes are read in map pixels.
+
+A map that is undefined for a metric gives NaN, not a number: a constant map (all zero, say) has no maximum to
+point with and no relevance that favours one place, and a map with no positive value has no relevance to share
+out."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from typing import Literal
 import torch
 
 from lumos.errors import LumosError
-from lumos.evaluate._common import boxes_to_masks, check_masks, masks_to_boxes
+from lumos.evaluate._common import boxes_to_masks, check_images, check_maps, check_masks, constant_maps, masks_to_boxes
 
 
 def _maps(maps: object) -> torch.Tensor:
@@ -20,6 +28,8 @@ def _maps(maps: object) -> torch.Tensor:
         m = m[:, 0]
     if m.ndim != 3:
         raise LumosError(f"maps must be (B, H, W); got {tuple(maps.shape)}.")
+    if not bool(m.isfinite().all()):
+        raise LumosError("maps must be finite; got NaN or infinite values.")
     return m.float()
 
 
@@ -29,22 +39,31 @@ class _Localisation:
 
     def __call__(self, model: object = None, images: object = None, maps: torch.Tensor | None = None,
                  targets: object = None, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-image score (B,) of ``maps`` (B, H, W) against ``masks`` (B, H, W) or boxes (B, 4).
-        Images with an empty ground truth give NaN."""
+        """Per-image score (B,) of ``maps`` (B, H, W) against ``masks`` (B, H, W) or boxes (B, 4) ``x0, y0, x1, y1``
+        (``x1, y1`` exclusive), both at the images' size when ``images`` are given (maps upsampled to it), else at
+        the maps'. Images with an empty ground truth, or whose map is undefined for the metric, give NaN."""
         if maps is None or masks is None:
             raise LumosError(f"{type(self).__name__} needs maps and ground-truth masks (or boxes).")
         m = _maps(maps)
+        if isinstance(images, torch.Tensor):
+            m = check_maps(m, check_images(images))
         gt = check_masks(masks, m)
         out = self.score(m, gt)
-        return torch.where(gt.flatten(1).any(1), out, torch.full_like(out, float("nan")))
+        ok = gt.flatten(1).any(1) & self.defined(m)
+        return torch.where(ok, out, torch.full_like(out, float("nan")))
+
+    def defined(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) False where the metric has no value for the map."""
+        return ~constant_maps(maps)
 
 
 class PointingGame(_Localisation):
     """Pointing game (Zhang et al. 2016): a hit when the map's maximum lies within ``tolerance`` pixels
     (Euclidean) of the object. The usual tolerance is 15 px at 224 x 224.
 
-    ``ties="first"`` (default) points at the first maximum in raster order, so a constant map points at
-    the top-left corner; ``ties="any"`` counts a hit when any of the tied maxima is inside (Quantus).
+    ``ties="first"`` (default) points at the first maximum in raster order; ``ties="any"`` counts a hit when any
+    of the tied maxima is inside (Quantus). A constant map (all zero, say) points nowhere: NaN, not the top-left
+    corner (``"first"``) or a sure hit (``"any"``).
     """
 
     def __init__(self, tolerance: float = 0.0, ties: Literal["first", "any"] = "first") -> None:
@@ -80,7 +99,8 @@ class PointingGame(_Localisation):
 
 class EnergyPointingGame(_Localisation):
     """Energy-based pointing game (Wang et al. 2020, Score-CAM): the share of the map's positive energy
-    inside the object's bounding box (``use_box=True``, default, as in the paper) or its mask."""
+    inside the object's bounding box (``use_box=True``, default, as in the paper) or its mask. NaN for a map with no
+    positive value or a constant one (whose share is just the box's area share)."""
 
     def __init__(self, use_box: bool = True) -> None:
         self.use_box = use_box
@@ -90,15 +110,22 @@ class EnergyPointingGame(_Localisation):
         pos = maps.clamp_min(0).flatten(1)
         total = pos.sum(1)
         inside = (pos * region.flatten(1)).sum(1)
-        return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+        return inside / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    def defined(self, maps: torch.Tensor) -> torch.Tensor:
+        return ~constant_maps(maps) & (maps.flatten(1) > 0).any(1)
 
 
 class RelevanceMass(_Localisation):
     """Relevance mass accuracy (Arras et al. 2022): positive relevance inside the object mask divided by
-    the total positive relevance. With boxes as ground truth it equals the energy pointing game."""
+    the total positive relevance. With boxes as ground truth it equals the energy pointing game. NaN for a map with
+    no positive value or a constant one (whose share is just the mask's area share)."""
 
     def score(self, maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         pos = maps.clamp_min(0).flatten(1)
         total = pos.sum(1)
         inside = (pos * masks.flatten(1)).sum(1)
-        return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+        return inside / total.clamp_min(torch.finfo(total.dtype).tiny)
+
+    def defined(self, maps: torch.Tensor) -> torch.Tensor:
+        return ~constant_maps(maps) & (maps.flatten(1) > 0).any(1)

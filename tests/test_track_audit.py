@@ -116,3 +116,17 @@ def test_wrong_inputs_are_one_line_errors(data):
     with pytest.raises(LumosError, match=r"The model fails on the probe images \(4, 1, 32, 32\)") as err:
         gray.log(TinyCNN(), 0)
     assert "\n" not in str(err.value)
+
+
+def test_one_constant_map_does_not_turn_the_mean_deletion_auc_into_nan(data):
+    from lumos.evaluate import Deletion
+
+    torch.manual_seed(0)
+    net = TinyCNN()
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], layer=LAYER, sinks=[MemorySink()],
+                               metrics=["deletion"], deletion_steps=8)
+    maps = torch.stack([torch.zeros(32, 32), torch.rand(32, 32)])  # a zero map (e.g. a dead head) and a real one
+    got = logger._metrics(net, data.images[:2], "gradcam", maps, data.labels[:2], False)["lumos/gradcam/deletion_auc"]
+    each = Deletion(steps=8)(net, data.images[:2], maps, data.labels[:2]).auc
+    assert torch.isnan(each[0]) and torch.isfinite(each[1])  # the evaluation's own verdict on each map
+    assert got == pytest.approx(float(each[1]))

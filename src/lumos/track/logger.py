@@ -301,7 +301,7 @@ class ExplanationLogger:
         if "deletion" in self.metrics:
             targets = None if binary else classes.to(x.device)
             res = Deletion(steps=self.deletion_steps)(net, x, maps.to(x.device), targets)
-            out[f"{self.prefix}/{method}/deletion_auc"] = float(res.auc.mean())
+            out[f"{self.prefix}/{method}/deletion_auc"] = float(res.auc.nanmean())  # constant maps: NaN, left out
         return out
 
     def close(self) -> None:

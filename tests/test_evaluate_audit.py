@@ -147,3 +147,55 @@ def test_localisation_upsamples_a_small_map_to_the_images_so_boxes_are_in_image_
     masks[0, 8:, 8:] = True
     masks[1, :4, 4:8] = True
     assert torch.allclose(RelevanceMass()(images=images, maps=small, masks=masks), RelevanceMass()(maps=big, masks=boxes))
+
+
+# -- sanity checks ------------------------------------------------------------------------------------------
+def test_spearman_of_a_constant_map_is_undefined_as_in_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    import warnings
+
+    from lumos.evaluate import spearman
+
+    a = torch.rand(2, 9, 9, generator=torch.Generator().manual_seed(0))
+    blank = torch.zeros_like(a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = stats.spearmanr(a[0].flatten().numpy(), blank[0].flatten().numpy()).statistic
+    assert math.isnan(ref)
+    assert spearman(a, blank).isnan().all()
+    assert spearman(blank, blank).isnan().all()
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 50.0])
+def test_ssim_matches_skimage_with_the_maps_own_range_at_any_scale(scale):
+    skm = pytest.importorskip("skimage.metrics")
+    from lumos.evaluate import ssim
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(2, 20, 24, generator=g, dtype=torch.float64) * scale
+    b = torch.rand(2, 20, 24, generator=g, dtype=torch.float64) * scale * 0.7  # unrelated maps
+    got = ssim(a, b)
+    for i in range(2):
+        lo, hi = min(a[i].min(), b[i].min()).item(), max(a[i].max(), b[i].max()).item()
+        ref = skm.structural_similarity(a[i].numpy(), b[i].numpy(), data_range=hi - lo)
+        assert got[i].item() == pytest.approx(ref, abs=1e-5)
+        assert got[i].item() < 0.5  # unrelated maps are dissimilar at every scale (with data_range=1 small ones were ~1)
+    assert ssim(a, b, data_range=1.0)[0].item() == pytest.approx(
+        skm.structural_similarity(a[0].numpy(), b[0].numpy(), data_range=1.0), abs=1e-5)
+
+
+def test_random_logit_says_when_the_other_class_map_is_blank():
+    from lumos.evaluate import RandomLogit
+
+    model = RegionSigmoid(torch.ones(12, 12, dtype=torch.bool))  # two classes
+    x = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    own = torch.rand(2, 12, 12, generator=torch.Generator().manual_seed(1))
+
+    def explainer(model, images, classes):  # class 0: a map; class 1: blank (as Grad-CAM of a class argued against)
+        return torch.where((classes == 0)[:, None, None], own, torch.zeros_like(own))
+
+    r = RandomLogit(explainer)(model, x, targets=0)
+    assert r.other_classes.tolist() == [1, 1]
+    assert r.other_blank.tolist() == [True, True]
+    assert r.spearman.isnan().all()  # undefined, not a 'perfectly uncorrelated' 0
+    assert not r.ssim.isnan().any()

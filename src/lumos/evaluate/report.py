@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lumos.errors import LumosError
 from lumos.evaluate.benchmark import DIRECTIONS, RANDOM, EvaluationReport
@@ -234,7 +235,8 @@ def to_dict(report: EvaluationReport) -> dict:
         "per_image": report.per_image,
         "curves": report.curves,
         "sanity": {
-            name: {"layers": s.layers, "spearman": s.spearman.mean(1).tolist(), "ssim": s.ssim.mean(1).tolist()}
+            name: {"layers": s.layers, "spearman": torch.nanmean(s.spearman, 1).tolist(),
+                   "ssim": torch.nanmean(s.ssim, 1).tolist()}
             for name, s in report.sanity.items()
         },
         "failures": report.failures,
@@ -293,7 +295,9 @@ def plot_sanity(report: EvaluationReport, path: str | Path, image: np.ndarray | 
             panels.append(("image", image))
         panels.append(("original", s.maps[0, 0].cpu().numpy()))
         for j, layer in enumerate(s.layers):
-            panels.append((f"{layer}\nρ={float(s.spearman[j, 0]):.2f}", s.maps[j + 1, 0].cpu().numpy()))
+            rho = float(s.spearman[j, 0])
+            shown = "ρ undefined (blank)" if rho != rho else f"ρ={rho:.2f}"  # a constant map has no ranks
+            panels.append((f"{layer}\n{shown}", s.maps[j + 1, 0].cpu().numpy()))
         for c, ax in enumerate(axes[r]):
             ax.axis("off")
             if c < len(panels):

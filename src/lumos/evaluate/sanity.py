@@ -35,23 +35,32 @@ def rankdata(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row of (N, ...) tensors; 0 when a map is constant."""
+    """Spearman rank correlation per row of (N, ...) tensors; NaN when a map is constant (a blank map has no ranks
+    to correlate, as in ``scipy.stats.spearmanr``): not 0, which would read as 'uncorrelated'."""
     a, b = a.flatten(1), b.flatten(1)
     out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
     for i in range(a.shape[0]):
         ra, rb = rankdata(a[i]), rankdata(b[i])
         ra, rb = ra - ra.mean(), rb - rb.mean()
         den = (ra.square().sum() * rb.square().sum()).sqrt()
-        out[i] = (ra * rb).sum() / den if den > 0 else 0.0
+        out[i] = (ra * rb).sum() / den if den > 0 else float("nan")
     return out.float()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
+def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float | None = None, win_size: int = 7) -> torch.Tensor:
     """Mean SSIM per pair of (N, H, W) maps with scikit-image's defaults (uniform 7x7 window, sample
-    covariance, K1=0.01, K2=0.03, borders cropped), so it matches ``skimage.metrics.structural_similarity``."""
+    covariance, K1=0.01, K2=0.03, borders cropped), so it matches ``skimage.metrics.structural_similarity``.
+
+    ``data_range`` None: per pair, the span of the two maps' values together (max - min; 1 for min-max normalised
+    maps), so the result does not depend on the maps' scale; a fixed 1.0 made the constants C1, C2 swamp maps of
+    small values (raw gradients) and gave SSIM near 1 for any two such maps."""
     x, y = a.double()[:, None], b.double()[:, None]
     if min(x.shape[-2:]) < win_size:
         raise LumosError(f"SSIM needs maps of at least {win_size} x {win_size} pixels.")
+    if data_range is None:
+        both = torch.cat([x.flatten(1), y.flatten(1)], 1)
+        span = both.amax(1) - both.amin(1)
+        data_range = torch.where(span > 0, span, torch.ones_like(span)).view(-1, 1, 1, 1)  # type: ignore[assignment]
     pool = lambda t: F.avg_pool2d(t, win_size, stride=1)  # noqa: E731
     ux, uy = pool(x), pool(y)
     n = win_size**2
@@ -103,7 +112,8 @@ def reinitialise(module: nn.Module) -> None:
 @dataclass
 class CascadingResult:
     """``layers[i]`` is the last layer randomised at step i (all layers above it are random too);
-    ``spearman`` and ``ssim`` are (L, B) against the original maps; ``maps`` is (L + 1, B, H, W) with
+    ``spearman`` and ``ssim`` are (L, B) against the original maps (Spearman NaN where either map is constant,
+    e.g. a randomised model's blank map); ``maps`` is (L + 1, B, H, W) with
     the original maps first."""
 
     layers: list[str]
@@ -170,7 +180,11 @@ class CascadingRandomisation:
 
 @dataclass
 class RandomLogitResult:
-    """Similarity (B,) between the map of the target class and of a random other class."""
+    """Similarity (B,) between the map of the target class and of a random other class.
+
+    ``other_blank`` (B,): the other class's map is constant (blank: e.g. Grad-CAM of a class the image argues
+    against). Its Spearman correlation is then NaN (no ranks to correlate), not 0; SSIM still compares the two maps.
+    """
 
     spearman: torch.Tensor
     ssim: torch.Tensor
@@ -178,6 +192,7 @@ class RandomLogitResult:
     other_classes: torch.Tensor
     maps: torch.Tensor
     other_maps: torch.Tensor
+    other_blank: torch.Tensor | None = None
 
 
 class RandomLogit:
@@ -203,4 +218,6 @@ class RandomLogit:
         a = self.explain(model, x, classes).detach()
         with quiet_blank_maps():  # a random class's map may well be blank: an expected outcome here
             b = self.explain(model, x, other).detach()
-        return RandomLogitResult(spearman(a, b), ssim(a, b), classes, other, a, b)
+        flat = b.flatten(1)
+        blank = flat.amax(1) == flat.amin(1)
+        return RandomLogitResult(spearman(a, b), ssim(a, b), classes, other, a, b, blank)

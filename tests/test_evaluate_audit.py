@@ -199,3 +199,21 @@ def test_random_logit_says_when_the_other_class_map_is_blank():
     assert r.other_blank.tolist() == [True, True]
     assert r.spearman.isnan().all()  # undefined, not a 'perfectly uncorrelated' 0
     assert not r.ssim.isnan().any()
+
+
+# -- targets ------------------------------------------------------------------------------------------------
+def test_targets_out_of_range_or_fractional_are_one_line_errors():
+    from lumos.evaluate import Completeness, RandomLogit
+
+    model = RegionSigmoid(torch.ones(8, 8, dtype=torch.bool))  # two classes
+    x, maps = torch.rand(2, 1, 8, 8), torch.rand(2, 8, 8)
+    for t in (2, -1, [0, 5]):
+        for run in (lambda t: Deletion(steps=4)(model, x, maps, t), lambda t: AverageDropIncrease()(model, x, maps, t),
+                    lambda t: Completeness()(model, x, torch.rand(2, 1, 8, 8), t),
+                    lambda t: RandomLogit(lambda m, i, c: maps)(model, x, targets=t)):
+            with pytest.raises(LumosError, match="out of range: the model has 2 classes"):
+                run(t)
+    with pytest.raises(LumosError, match="whole class indices"):
+        Deletion(steps=4)(model, x, maps, torch.tensor([0.0, 0.6]))  # was truncated to class 0, silently
+    given = Deletion(steps=4)(model, x, maps, torch.tensor([1.0, 0.0]))  # whole floats are class indices
+    assert given.classes.tolist() == [1, 0]

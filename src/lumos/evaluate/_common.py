@@ -130,7 +130,18 @@ def resolve_classes(
     if targets is None:
         p = probabilities(select_output(model(images), output))
         return p.argmax(1) if p.shape[1] > 1 else torch.zeros(b, dtype=torch.long, device=images.device)
-    t = torch.as_tensor(targets, device=images.device).long().reshape(-1)
+    t = torch.as_tensor(targets, device=images.device).reshape(-1)
+    if t.is_floating_point() and not bool((t == t.round()).all()):
+        raise LumosError(f"targets must be whole class indices; got {[round(v, 4) for v in t.tolist()[:8]]}.")
+    if t.dtype == torch.bool or t.is_complex():
+        raise LumosError(f"targets must be class indices (int); got {t.dtype}.")
+    t = t.long()
+    out = select_output(model(images[:1]), output)
+    if out.ndim == 2:  # a class per image needs a B x K output; that is checked where it is scored
+        bad = t[(t < 0) | (t >= out.shape[1])]
+        if bad.numel():
+            raise LumosError(f"Target class {int(bad[0])} is out of range: the model has {out.shape[1]} classes "
+                             f"(0 to {out.shape[1] - 1}).")
     if t.numel() == 1:
         t = t.expand(b)
     if t.numel() != b:

@@ -217,3 +217,17 @@ def test_targets_out_of_range_or_fractional_are_one_line_errors():
         Deletion(steps=4)(model, x, maps, torch.tensor([0.0, 0.6]))  # was truncated to class 0, silently
     given = Deletion(steps=4)(model, x, maps, torch.tensor([1.0, 0.0]))  # whole floats are class indices
     assert given.classes.tolist() == [1, 0]
+
+
+# -- lumos evaluate -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("benchmark", ["synthetic", "synthetic-detection", "synthetic-segmentation"])
+@pytest.mark.parametrize(("flag", "value"), [("--steps", 0), ("--batch-size", -2), ("--n", 0)])
+def test_evaluate_names_the_option_at_fault(capsys, tmp_path, benchmark, flag, value):
+    from cli_run import run_cli
+
+    code, out, err = run_cli(capsys, "evaluate", "--benchmark", benchmark, "--method", "gradcam",
+                             "--out", tmp_path / "o", flag, value)
+    assert code != 0
+    assert f"{flag} must be a positive integer, got {value}" in err
+    others = {"--steps", "--batch-size", "--n"} - {flag}
+    assert not any(o in err for o in others), err

@@ -42,8 +42,9 @@ def evaluate_task_benchmark(
         raise LumosError(f"--benchmark {benchmark} runs the shipped {what} (--model {net}), not '{model}'.")
     if sanity:
         raise LumosError(f"--sanity is not available with --benchmark {benchmark}.")
-    if steps is not None and steps < 1 or batch_size < 1 or n < 1:
-        raise LumosError("--steps, --batch-size and --n must be positive integers.")
+    for flag, value in (("--steps", steps), ("--batch-size", batch_size), ("--n", n)):
+        if value is not None and value < 1:
+            raise LumosError(f"{flag} must be a positive integer, got {value}.")
     if tolerance is not None and tolerance < 0:
         raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
     every = method is not None and "all" in {m.lower() for m in parse_list(method, what="method")}

@@ -231,3 +231,19 @@ def test_evaluate_names_the_option_at_fault(capsys, tmp_path, benchmark, flag, v
     assert f"{flag} must be a positive integer, got {value}" in err
     others = {"--steps", "--batch-size", "--n"} - {flag}
     assert not any(o in err for o in others), err
+
+
+# -- boxes ----------------------------------------------------------------------------------------------------
+def test_fractional_boxes_hold_the_pixels_whose_centre_is_inside_and_mirror_consistently():
+    from lumos.evaluate import boxes_to_masks
+
+    w = 10
+    box = torch.tensor([[2.6, 1.2, 5.4, 3.9]])
+    mask = boxes_to_masks(box, (6, w))[0]
+    cols = [x for x in range(w) if 2.6 <= x + 0.5 < 5.4]
+    rows = [y for y in range(6) if 1.2 <= y + 0.5 < 3.9]
+    assert mask.nonzero().tolist() == [[y, x] for y in rows for x in cols]
+    mirrored = torch.tensor([[w - 5.4, 1.2, w - 2.6, 3.9]])  # the same box seen in the mirrored image
+    assert torch.equal(boxes_to_masks(mirrored, (6, w))[0], mask.flip(1))
+    whole = torch.tensor([[2, 1, 5, 4]])
+    assert torch.equal(boxes_to_masks(whole.float(), (6, w)), boxes_to_masks(whole, (6, w)))  # integers unchanged

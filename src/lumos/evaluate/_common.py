@@ -64,9 +64,14 @@ def check_masks(masks: object, images_or_maps: torch.Tensor) -> torch.Tensor:
 
 
 def boxes_to_masks(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bool masks (B, H, W) from boxes (B, 4) ``x0, y0, x1, y1`` with ``x1, y1`` exclusive."""
+    """Bool masks (B, H, W) from boxes (B, 4) ``x0, y0, x1, y1`` with ``x1, y1`` exclusive.
+
+    Integer boxes hold pixels ``x0 <= x < x1``. Fractional boxes (a detector's, in continuous coordinates where
+    pixel i spans [i, i + 1)) hold the pixels whose centre is inside, ``x0 <= x + 0.5 < x1``: the same for integer
+    values, and symmetric (truncating both edges added a partly covered left/top pixel and dropped the right/bottom
+    one, a half-pixel shift)."""
     h, w = size
-    bx = boxes.to(torch.long)
+    bx = torch.ceil(boxes - 0.5).to(torch.long) if boxes.is_floating_point() else boxes.to(torch.long)
     ys = torch.arange(h, device=boxes.device)[None, :, None]
     xs = torch.arange(w, device=boxes.device)[None, None, :]
     x0, y0, x1, y1 = (bx[:, i, None, None] for i in range(4))

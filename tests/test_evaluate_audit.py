@@ -146,7 +146,8 @@ def test_localisation_upsamples_a_small_map_to_the_images_so_boxes_are_in_image_
     masks = torch.zeros(2, 16, 16, dtype=torch.bool)
     masks[0, 8:, 8:] = True
     masks[1, :4, 4:8] = True
-    assert torch.allclose(RelevanceMass()(images=images, maps=small, masks=masks), RelevanceMass()(maps=big, masks=boxes))
+    got = RelevanceMass()(images=images, maps=small, masks=masks)
+    assert torch.allclose(got, RelevanceMass()(maps=big, masks=boxes))
 
 
 # -- sanity checks ------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def test_ssim_matches_skimage_with_the_maps_own_range_at_any_scale(scale):
         lo, hi = min(a[i].min(), b[i].min()).item(), max(a[i].max(), b[i].max()).item()
         ref = skm.structural_similarity(a[i].numpy(), b[i].numpy(), data_range=hi - lo)
         assert got[i].item() == pytest.approx(ref, abs=1e-5)
-        assert got[i].item() < 0.5  # unrelated maps are dissimilar at every scale (with data_range=1 small ones were ~1)
+        assert got[i].item() < 0.5  # unrelated maps are dissimilar at any scale (data_range=1: small ones were ~1)
     assert ssim(a, b, data_range=1.0)[0].item() == pytest.approx(
         skm.structural_similarity(a[0].numpy(), b[0].numpy(), data_range=1.0), abs=1e-5)
 

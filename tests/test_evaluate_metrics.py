@@ -7,7 +7,6 @@ import copy
 import math
 from functools import partial
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

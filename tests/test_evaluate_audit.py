@@ -248,3 +248,21 @@ def test_fractional_boxes_hold_the_pixels_whose_centre_is_inside_and_mirror_cons
     assert torch.equal(boxes_to_masks(mirrored, (6, w))[0], mask.flip(1))
     whole = torch.tensor([[2, 1, 5, 4]])
     assert torch.equal(boxes_to_masks(whole.float(), (6, w)), boxes_to_masks(whole, (6, w)))  # integers unchanged
+
+
+# -- batch size ---------------------------------------------------------------------------------------------
+def test_results_do_not_depend_on_batch_size():
+    g = torch.Generator().manual_seed(4)
+    region = torch.rand(10, 10, generator=g) > 0.5
+    model = RegionSigmoid(region)
+    x = torch.rand(3, 1, 10, 10, generator=g)
+    maps = torch.randint(0, 4, (3, 5, 5), generator=g).float()  # small (upsampled) and with ties
+    for make in (lambda b: Deletion(steps=7, batch_size=b), lambda b: Insertion(steps=7, batch_size=b)):
+        ref = make(64)(model, x, maps, 0)
+        for b in (1, 2, 5):
+            got = make(b)(model, x, maps, 0)
+            assert torch.allclose(got.curves, ref.curves, atol=1e-6) and torch.allclose(got.auc, ref.auc, atol=1e-6)
+    ref = AverageDropIncrease(batch_size=64)(model, x, maps, 0)
+    for b in (1, 2):
+        got = AverageDropIncrease(batch_size=b)(model, x, maps, 0)
+        assert torch.allclose(got.drop, ref.drop, atol=1e-6) and torch.equal(got.increase, ref.increase)

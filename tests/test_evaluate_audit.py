@@ -268,12 +268,12 @@ def test_results_do_not_depend_on_batch_size():
         assert torch.allclose(got.drop, ref.drop, atol=1e-6) and torch.equal(got.increase, ref.increase)
 
 
-def test_curve_result_reports_the_share_of_tied_pixels():
+def test_curve_result_reports_the_largest_plateau():
     model = RegionSigmoid(torch.ones(4, 4, dtype=torch.bool))
     maps = torch.arange(32.0).view(2, 4, 4)
     maps[0, 0, :3] = 5.0  # 5 appears 4 times (with the original 5 at (1, 1))
     maps[1] = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11.0]])
     r = Deletion(steps=4)(model, torch.rand(2, 1, 4, 4), maps, 0)
-    counts = [[int((m == v).sum()) for v in m.flatten()] for m in maps]  # by hand: pixels with a twin
-    assert r.tied.tolist() == pytest.approx([sum(c > 1 for c in row) / 16 for row in counts])
-    assert r.tied.tolist() == pytest.approx([4 / 16, 7 / 16])
+    by_hand = [max(int((m == v).sum()) for v in m.flatten()) / 16 for m in maps]
+    assert r.plateau.tolist() == pytest.approx(by_hand)
+    assert r.plateau.tolist() == pytest.approx([4 / 16, 3 / 16])

@@ -41,10 +41,10 @@ class CurveResult:
     ``curves`` (B, steps+1): probability of the target class after step k; ``fractions`` (steps+1,):
     the share of pixels removed/inserted at step k; ``auc`` (B,): trapezoid area over ``fractions``
     (in [0, 1] since probabilities are); ``classes`` (B,): the scored classes; ``defined`` (B,): False where the
-    map is constant (all zero, say): it ranks no pixel above another, so its curve and AUC are NaN; ``tied`` (B,):
-    the share of the pixels that share their map value with another pixel, i.e. whose order the map leaves to the
-    tie rule (:func:`pixel_ranks`). A large share (a CAM's zeros, a nearly blank occlusion map) means the AUC
-    measures how the model reacts to that rule's deletion pattern more than the map.
+    map is constant (all zero, say): it ranks no pixel above another, so its curve and AUC are NaN; ``plateau`` (B,):
+    the share of the pixels in the map's largest set of equal values (a CAM's zeros, the untouched background of a
+    nearly blank occlusion map), whose order the map leaves to the tie rule (:func:`pixel_ranks`). When it is large
+    the AUC measures how the model reacts to that rule's deletion pattern more than the map.
     """
 
     curves: torch.Tensor
@@ -52,7 +52,7 @@ class CurveResult:
     auc: torch.Tensor
     classes: torch.Tensor
     defined: torch.Tensor | None = None
-    tied: torch.Tensor | None = None
+    plateau: torch.Tensor | None = None
 
     @property
     def mean_auc(self) -> float:
@@ -80,14 +80,13 @@ def pixel_ranks(maps: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
     return ranks
 
 
-def tied_share(maps: torch.Tensor) -> torch.Tensor:
-    """(B,) share of each map's pixels whose value another pixel of the map also has."""
-    flat, _ = maps.flatten(1).sort(1)
-    same = flat[:, 1:] == flat[:, :-1]
-    tied = torch.zeros_like(flat, dtype=torch.bool)
-    tied[:, 1:] |= same
-    tied[:, :-1] |= same
-    return tied.float().mean(1)
+def plateau_share(maps: torch.Tensor) -> torch.Tensor:
+    """(B,) share of each map's pixels in its largest set of equal values (1 / (H*W) when all differ)."""
+    out = []
+    for row in maps.flatten(1):
+        _, counts = torch.unique_consecutive(row.sort().values, return_counts=True)
+        out.append(counts.max())
+    return torch.stack(out).float() / maps[0].numel()
 
 
 def step_counts(n_pixels: int, steps: int) -> torch.Tensor:
@@ -186,7 +185,7 @@ class _PixelCurve:
         curves = curves.view(b, n_points).masked_fill(~defined[:, None], float("nan"))
         fractions = counts.float() / n_pix
         return CurveResult(curves, fractions, torch.trapezoid(curves, fractions, dim=1), classes, defined,
-                           tied_share(m))
+                           plateau_share(m))
 
 
 class Deletion(_PixelCurve):

@@ -277,3 +277,28 @@ def test_curve_result_reports_the_largest_plateau():
     by_hand = [max(int((m == v).sum()) for v in m.flatten()) / 16 for m in maps]
     assert r.plateau.tolist() == pytest.approx(by_hand)
     assert r.plateau.tolist() == pytest.approx([4 / 16, 3 / 16])
+
+
+@pytest.mark.parametrize("benchmark", ["synthetic", "synthetic-detection", "synthetic-segmentation"])
+def test_evaluate_names_steps_when_they_exceed_the_pixels(capsys, tmp_path, benchmark):
+    from cli_run import run_cli
+    from lumos.synthetic import make_dataset
+
+    h, w = make_dataset(1, seed=123).images.shape[-2:]  # the benchmarks' image size
+    code, out, err = run_cli(capsys, "evaluate", "--benchmark", benchmark, "--method", "gradcam",
+                             "--out", tmp_path / "o", "--steps", h * w + 1, "--n", 2)
+    assert code != 0
+    assert f"--steps {h * w + 1} exceeds the {h * w} pixels" in err and f"--steps {h * w} or fewer" in err
+    assert "skipped" not in err
+
+
+def test_evaluate_names_steps_for_image_files(capsys, tmp_path):
+    from PIL import Image
+
+    from cli_run import run_cli
+
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(tmp_path / "a.png")
+    code, out, err = run_cli(capsys, "evaluate", tmp_path / "a.png", "--model", "lumos.synthetic:load_tinycnn",
+                             "--method", "gradcam", "--size", 16, "--mean", "0", "--std", "1", "--out", tmp_path / "o", "--steps", 257)
+    assert code != 0
+    assert f"--steps {16 * 16 + 1} exceeds the {16 * 16} pixels" in err, err

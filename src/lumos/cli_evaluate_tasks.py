@@ -47,6 +47,11 @@ def evaluate_task_benchmark(
             raise LumosError(f"{flag} must be a positive integer, got {value}.")
     if tolerance is not None and tolerance < 0:
         raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
+    if steps is not None:
+        from lumos.cli_evaluate import _check_steps
+        from lumos.synthetic.scenes import make_scenes
+
+        _check_steps(steps, tuple(make_scenes(1, seed=0).images.shape[-2:]))
     every = method is not None and "all" in {m.lower() for m in parse_list(method, what="method")}
     names = list(DETECTION_METHODS) if method is None else parse_methods(method)
     method_kwargs = parse_settings(settings or [], names)

@@ -299,6 +299,7 @@ def test_evaluate_names_steps_for_image_files(capsys, tmp_path):
 
     Image.new("RGB", (8, 8), (120, 30, 200)).save(tmp_path / "a.png")
     code, out, err = run_cli(capsys, "evaluate", tmp_path / "a.png", "--model", "lumos.synthetic:load_tinycnn",
-                             "--method", "gradcam", "--size", 16, "--mean", "0", "--std", "1", "--out", tmp_path / "o", "--steps", 257)
+                             "--method", "gradcam", "--size", 16, "--mean", "0", "--std", "1",
+                             "--out", tmp_path / "o", "--steps", 257)
     assert code != 0
     assert f"--steps {16 * 16 + 1} exceeds the {16 * 16} pixels" in err, err

@@ -303,3 +303,18 @@ def test_evaluate_names_steps_for_image_files(capsys, tmp_path):
                              "--out", tmp_path / "o", "--steps", 257)
     assert code != 0
     assert f"--steps {16 * 16 + 1} exceeds the {16 * 16} pixels" in err, err
+
+
+def test_the_table_note_counts_blank_maps_left_out_of_the_means():
+    from lumos.evaluate.benchmark import EvaluationReport, _mean
+    from lumos.evaluate.report import undefined_note
+
+    nan = float("nan")
+    report = EvaluationReport()
+    report.per_image = {"rise": {"deletion_auc": [0.1, nan, 0.3, nan]}, "gradcam": {"deletion_auc": [0.2, 0.4]}}
+    report.rows = {m: {k: _mean(torch.tensor(v)) for k, v in per.items()} for m, per in report.per_image.items()}
+    assert report.rows["rise"]["deletion_auc"] == pytest.approx(0.2)  # the mean of the two defined values
+    assert undefined_note(report, "regions") == (
+        "Constant (blank) maps, undefined and left out of the means: rise 2 of 4 regions.")
+    report.per_image["rise"]["deletion_auc"] = [0.1, 0.3]
+    assert undefined_note(report) is None

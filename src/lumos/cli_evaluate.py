@@ -55,6 +55,7 @@ def evaluate(
         plot_curves,
         plot_sanity,
         read_report,
+        undefined_note,
         write_csv,
         write_json,
     )
@@ -150,7 +151,9 @@ def evaluate(
         err_console.print(f"error: {reason}", highlight=False, markup=False)
     if not report.rows:
         raise LumosError("No method could be evaluated.")
-    out_console.print(format_table(report) + "\n" + STAR_NOTE, highlight=False, markup=False)
+    blank = undefined_note(report)
+    out_console.print(format_table(report) + "\n" + STAR_NOTE + (f"\n{blank}" if blank else ""), highlight=False,
+                      markup=False)
     out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
                       highlight=False, markup=False)
     out_console.print("\n" + "\n".join(format_reading(read_report(report), _how)), highlight=False, markup=False)

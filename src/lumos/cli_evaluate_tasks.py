@@ -26,7 +26,15 @@ def evaluate_task_benchmark(
     from lumos.cli_common import StepProgress, _make_dir, err_console, format_times, out_console, parse_methods
     from lumos.evaluate.benchmark import RANDOM
     from lumos.evaluate.detection_benchmark import DETECTION_METHODS, detection_benchmark, plot_deletion
-    from lumos.evaluate.report import STAR_NOTE, format_reading, format_table, read_report, write_csv, write_json
+    from lumos.evaluate.report import (
+        STAR_NOTE,
+        format_reading,
+        format_table,
+        read_report,
+        undefined_note,
+        write_csv,
+        write_json,
+    )
     from lumos.evaluate.segmentation_benchmark import segmentation_benchmark
     from lumos.explainer import ExplainSpec, resolve_device
     from lumos.method_settings import parse_settings
@@ -75,7 +83,9 @@ def evaluate_task_benchmark(
     else:
         found = (f"{meta['regions']} class regions found of {meta['objects']} in {n} scenes "
                  f"(predicted pixels matching the class's ground truth at IoU >= {meta['match_iou']})")
-    out_console.print(found + "\n" + format_table(report) + "\n" + STAR_NOTE, highlight=False, markup=False)
+    blank = undefined_note(report, "boxes" if benchmark == "synthetic-detection" else "regions")
+    out_console.print(found + "\n" + format_table(report) + "\n" + STAR_NOTE + (f"\n{blank}" if blank else ""),
+                      highlight=False, markup=False)
     out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
                       highlight=False, markup=False)
     reading = format_reading(read_report(report), lambda ms: " or ".join(f"--method {m}" for m in ms))

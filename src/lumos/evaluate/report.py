@@ -54,6 +54,22 @@ def table_rows(report: EvaluationReport, mark: str = "*") -> tuple[list[str], li
 STAR_NOTE = "(* = strictly best in its column and better than random; no star for a tie)"
 
 
+def undefined_note(report: EvaluationReport, unit: str = "images") -> str | None:
+    """One line naming the methods with constant (blank) maps, whose deletion AUC and other map-dependent scores are
+    undefined (NaN) and left out of the table's means; None when there are none. The means of such a method cover
+    fewer items than the others', which the table alone would not show."""
+    parts = []
+    for method, per in report.per_image.items():
+        values = per.get("deletion_auc")
+        if values:
+            blank = sum(1 for v in values if v != v)
+            if blank:
+                parts.append(f"{method} {blank} of {len(values)}")
+    if not parts:
+        return None
+    return (f"Constant (blank) maps, undefined and left out of the means: {', '.join(parts)} {unit}.")
+
+
 def format_table(report: EvaluationReport) -> str:
     """A plain-text table (a column's strict best, when it beats random, marked ``*``)."""
     head, rows = table_rows(report)

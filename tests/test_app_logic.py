@@ -431,3 +431,16 @@ def test_the_app_finds_a_model_module_in_the_folder_it_was_started_in(tmp_path, 
     monkeypatch.delitem(sys.modules, "appnets", raising=False)
     bundle = logic.load_bundle(logic.AppConfig(model="appnets:build", size=32, device="cpu"))
     assert isinstance(bundle.model[-1], torch.nn.Linear) and bundle.model[-1].out_features == 3
+
+
+def test_a_blank_map_has_undefined_curves_said_in_the_legend():
+    """Deletion of a constant map is NaN (no ranking): the figure says so instead of an 'AUC nan' line."""
+    bundle = logic.load_bundle(logic.AppConfig(model="nets:GapNet", size=32, device="cpu"))
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    curves = logic.deletion_insertion(bundle, image, {"gradcam": np.zeros((32, 32), np.float32), "rise": ramp},
+                                      0, steps=4)
+    assert not curves["gradcam"].defined and np.isnan(curves["gradcam"].deletion_auc)
+    assert curves["rise"].defined and 0 <= curves["rise"].deletion_auc <= 1
+    labels = [t.get_text() for t in logic.curves_figure(curves).axes[0].get_legend().get_texts()]
+    assert labels[0] == "Grad-CAM (undefined: blank map)" and labels[1].startswith("RISE (AUC 0.")

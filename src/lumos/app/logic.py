@@ -544,6 +544,7 @@ class Curves:
     insertion: np.ndarray
     deletion_auc: float
     insertion_auc: float
+    defined: bool = True  # False for a blank (constant) map: nothing to rank, the curves and AUCs are NaN
 
 
 def deletion_insertion(bundle, image: Image.Image, maps: dict[str, np.ndarray], target: int | None,
@@ -558,8 +559,9 @@ def deletion_insertion(bundle, image: Image.Image, maps: dict[str, np.ndarray], 
         mt = torch.as_tensor(np.abs(m), dtype=torch.float32, device=x.device)[None]
         d = Deletion(steps=steps, batch_size=16)(bundle.model, x, mt, targets)
         i = Insertion(steps=steps, batch_size=16)(bundle.model, x, mt, targets)
+        defined = d.defined is None or bool(d.defined[0])
         out[name] = Curves(d.fractions.cpu().numpy(), d.curves[0].cpu().numpy(), i.curves[0].cpu().numpy(),
-                           float(d.auc[0]), float(i.auc[0]))
+                           float(d.auc[0]), float(i.auc[0]), defined)
     return out
 
 
@@ -570,6 +572,10 @@ def curves_figure(curves: dict[str, Curves]):
     fig = Figure(figsize=(9, 3.2))
     axes = fig.subplots(1, 2)
     for name, c in curves.items():
+        if not c.defined:  # no curve to draw: say so in the legend rather than leave the method out silently
+            for ax in axes:
+                ax.plot([], [], label=f"{display_name(name)} (undefined: blank map)")
+            continue
         axes[0].plot(c.fractions, c.deletion, label=f"{display_name(name)} (AUC {c.deletion_auc:.3f})")
         axes[1].plot(c.fractions, c.insertion, label=f"{display_name(name)} (AUC {c.insertion_auc:.3f})")
     for ax, title in zip(axes, ("Deletion (lower AUC is better)", "Insertion (higher AUC is better)"), strict=True):

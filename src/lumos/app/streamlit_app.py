@@ -360,6 +360,10 @@ if logic.evaluation_available():
                 st.dataframe({"method": [logic.display_name(m) for m in curves],
                               "deletion AUC": [c.deletion_auc for c in curves.values()],
                               "insertion AUC": [c.insertion_auc for c in curves.values()]}, hide_index=True)
+                blank = [logic.display_name(m) for m, c in curves.items() if not c.defined]
+                if blank:
+                    st.caption(f"Undefined for {', '.join(blank)}: a blank map ranks no pixel, so it has no "
+                               "deletion or insertion curve.")
         elif results:
             st.caption(f"Press the button to score the maps shown for class {target} "
                        f"({len(results)} method{'s' if len(results) > 1 else ''}, {steps} steps).")

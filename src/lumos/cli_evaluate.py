@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from lumos.cli_evaluate_tasks import check_steps
 from lumos.cli_options import DeviceOpt, MeanOpt, ModelOpt, SettingsOpt, SizeOpt, StdOpt, WeightsOpt
 from lumos.errors import LumosError
 
@@ -90,7 +91,7 @@ def evaluate(
         _check_fits(n)
         from lumos.synthetic import make_dataset as _synthetic_images
 
-        _check_steps(steps, tuple(_synthetic_images(1, seed=123).images.shape[-2:]))
+        check_steps(steps, tuple(_synthetic_images(1, seed=123).images.shape[-2:]))
         net = "tinycnn" if model == "efficientnet_lite0" else model.lower()  # the zoo default means TinyCNN here
         if net not in SYNTHETIC_MODELS:
             raise LumosError(f"--benchmark synthetic runs --model {' or '.join(SYNTHETIC_MODELS)}, not '{model}'.")
@@ -135,7 +136,7 @@ def evaluate(
                 err_console.print(f"error: {reason}", highlight=False, markup=False)
             raise typer.Exit(2)
         x = torch.cat(tensors).to(where)
-        _check_steps(steps, tuple(x.shape[-2:]))
+        check_steps(steps, tuple(x.shape[-2:]))
         _make_dir(out)
         with StepProgress("evaluate", len(names) + 1, err_console) as progress:
             report = evaluate_methods(
@@ -180,15 +181,6 @@ def _check_fits(n: int) -> None:
     if n * per_image > free:
         raise LumosError(f"--n {n} synthetic images need {n * per_image / 2**30:.1f} GiB; this machine has "
                          f"{free / 2**30:.1f} GiB free. Use --n {max(1, free // per_image // 2)} or fewer.")
-
-
-def _check_steps(steps: int | None, size: tuple[int, ...]) -> None:
-    """A one-line error naming ``--steps`` when it asks for more steps than the images have pixels (it was one
-    'skipped' warning per method, then "No method could be evaluated")."""
-    pixels = size[0] * size[1]
-    if steps is not None and steps > pixels:
-        raise LumosError(f"--steps {steps} exceeds the {pixels} pixels of each {size[0]} x {size[1]} image; "
-                         f"use --steps {pixels} or fewer.")
 
 
 def _how(names: list[str]) -> str:

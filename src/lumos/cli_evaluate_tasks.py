@@ -56,10 +56,9 @@ def evaluate_task_benchmark(
     if tolerance is not None and tolerance < 0:
         raise LumosError(f"--tolerance must be >= 0 pixels, got {tolerance}.")
     if steps is not None:
-        from lumos.cli_evaluate import _check_steps
         from lumos.synthetic.scenes import make_scenes
 
-        _check_steps(steps, tuple(make_scenes(1, seed=0).images.shape[-2:]))
+        check_steps(steps, tuple(make_scenes(1, seed=0).images.shape[-2:]))
     every = method is not None and "all" in {m.lower() for m in parse_list(method, what="method")}
     names = list(DETECTION_METHODS) if method is None else parse_methods(method)
     method_kwargs = parse_settings(settings or [], names)
@@ -93,3 +92,12 @@ def evaluate_task_benchmark(
     written = [write_csv(report, out / "evaluation.csv"), write_json(report, out / "evaluation.json"),
                plot_deletion(report, out / "curves.png")]
     out_console.print("Wrote " + ", ".join(str(p) for p in written), highlight=False)
+
+
+def check_steps(steps: int | None, size: tuple[int, ...]) -> None:
+    """A one-line error naming ``--steps`` when it asks for more steps than the images have pixels (it was one
+    'skipped' warning per method, then "No method could be evaluated")."""
+    pixels = size[0] * size[1]
+    if steps is not None and steps > pixels:
+        raise LumosError(f"--steps {steps} exceeds the {pixels} pixels of each {size[0]} x {size[1]} image; "
+                         f"use --steps {pixels} or fewer.")

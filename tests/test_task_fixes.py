@@ -315,6 +315,7 @@ def test_task_settings_colormap_and_alpha_are_honoured(files, tmp_path):
     (["--mean", "0.5,0.5,0.5"], "--mean is not available with --task"),
     (["--target", "topk:2"], "--target 'topk:2' is not a class"),
     (["--target", "7"], "--target 7 is out of range"),
+    (["--target", "top1"], "--target top1 is for classification"),  # was taken as 'every box'
     (["--layer", "features.nope"], "No layer named 'features.nope'"),
     (["--save", "jpg"], "Unknown save format 'jpg'"),
     (["--set", "nonsense=1"], "nonsense"),

@@ -250,6 +250,10 @@ def explain_task(task: str, images: Sequence[Path], out: Path, *, model: str | N
     if size is not None and size < 8:
         raise LumosError(f"--size must be at least 8 pixels, got {size}.")
     net, names = task_model(task)
+    if "--target" in given and target.strip().lower() == "top1":
+        what = "box" if task == "detection" else "class region"
+        raise LumosError(f"--target top1 is for classification; --task {task} explains every {what} when --target "
+                         f"is left out, or give a class name or index ({', '.join(names)}).")
     label = task_class(target, names)
     if layer != "auto":
         resolve_layers(net, layer)  # a layer that does not exist: one line, before any image

@@ -266,7 +266,8 @@ class DropResult:
     """Per image: ``drop`` = max(0, Y - O) / Y and ``increase`` = 1 if O > Y, with Y the target's
     probability on the image and O on the image multiplied by the map. The paper's percentages are
     ``100 * avg_drop`` and ``100 * increase_rate``. ``defined`` False: the map is constant (all zero, say), so
-    it weights no pixel above another; its ``drop`` is NaN, its ``increase`` False, and both averages leave it out."""
+    it weights no pixel above another, or signed with no positive value, so it has no evidence for the target; its
+    ``drop`` is NaN, its ``increase`` False, and both averages leave it out."""
 
     drop: torch.Tensor
     increase: torch.Tensor
@@ -289,13 +290,30 @@ class DropResult:
         return float(self.increase[ok].float().mean()) if bool(ok.any()) else float("nan")
 
 
+def evidence_weights(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maps (B, H, W) as weights in [0, 1] for :class:`AverageDropIncrease`, and (B,) True where they exist.
+
+    A non-negative map is min-max normalised (Score-CAM's convention). A signed map (some value < 0) keeps its
+    positive part divided by its maximum, the evidence *for* the target: min-max scaling would give its most
+    negative pixel weight 0 and its zero-attribution pixels a mid-grey weight. A map with no positive value has
+    no evidence to weight with: its weights are zeros and it is marked undefined (as a constant map is)."""
+    flat = maps.flatten(1)
+    signed = flat.amin(1) < 0
+    top = flat.amax(1)
+    pos = flat.clamp_min(0) / top.clamp_min(torch.finfo(flat.dtype).tiny)[:, None]
+    out = torch.where(signed[:, None], pos, minmax(maps).flatten(1)).view_as(maps)
+    return out, ~signed | (top > 0)
+
+
 class AverageDropIncrease:
     """Average Drop and Increase in Confidence (Chattopadhay et al. 2018; Score-CAM's definition).
 
-    The image (in model input space) is multiplied by its map, min-max normalised to [0, 1] at the map's
-    own resolution and then bilinearly upsampled. **Lower drop, higher increase are better.** Targets as for
-    :class:`Deletion`: a class per image (None = top-1), or any target scoring one value per image (a detection
-    box, ``DetectionTarget(...).box(j)``, or a segmentation region), whose confidence is compared.
+    The image (in model input space) is multiplied by its map, scaled to [0, 1] at the map's own resolution and
+    then bilinearly upsampled: a non-negative map min-max normalised, a signed one as its positive part over its
+    maximum (:func:`evidence_weights`; ``normalize=False``: the map as given). **Lower drop, higher increase are
+    better.** Targets as for :class:`Deletion`: a class per image (None = top-1), or any target scoring one value
+    per image (a detection box, ``DetectionTarget(...).box(j)``, or a segmentation region), whose confidence is
+    compared. A constant map, or (normalised) a signed map with no positive value, is undefined: NaN drop.
     """
 
     def __init__(self, batch_size: int = 64, normalize: bool = True, output: OutputSpec = None,
@@ -313,7 +331,8 @@ class AverageDropIncrease:
         m = check_maps(maps, x, resize=False)
         defined = ~constant_maps(m)
         if self.normalize:
-            m = minmax(m)
+            m, positive = evidence_weights(m)
+            defined &= positive
         m = check_maps(m, x)
         with scoring(model, self.eval_mode):
             classes, target = curve_target(model, x, targets, self.output)

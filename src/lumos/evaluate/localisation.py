@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from lumos.errors import LumosError
 from lumos.evaluate._common import boxes_to_masks, check_images, check_maps, check_masks, constant_maps, masks_to_boxes
@@ -57,44 +58,52 @@ class _Localisation:
         return ~constant_maps(maps)
 
 
+def _within(masks: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """(B, H, W) True at the pixels within ``tolerance`` pixels (Euclidean, between pixel centres) of a pixel of
+    ``masks``: the masks dilated by a disk of that radius (offsets beyond the image's size never matter)."""
+    if tolerance == 0:
+        return masks
+    h, w = masks.shape[-2:]
+    r = int(tolerance + 1e-6)
+    ry, rx = min(r, h - 1), min(r, w - 1)
+    dy = torch.arange(-ry, ry + 1, device=masks.device, dtype=torch.float32)
+    dx = torch.arange(-rx, rx + 1, device=masks.device, dtype=torch.float32)
+    disk = (dy[:, None] ** 2 + dx[None, :] ** 2 <= (tolerance + 1e-6) ** 2).float()
+    hit = F.conv2d(masks[:, None].float(), disk[None, None], padding=(ry, rx))[:, 0]
+    return hit > 0.5
+
+
 class PointingGame(_Localisation):
     """Pointing game (Zhang et al. 2016): a hit when the map's maximum lies within ``tolerance`` pixels
     (Euclidean) of the object. The usual tolerance is 15 px at 224 x 224.
 
-    ``ties="first"`` (default) points at the first maximum in raster order; ``ties="any"`` counts a hit when any
-    of the tied maxima is inside (Quantus). A constant map (all zero, say) points nowhere: NaN, not the top-left
-    corner (``"first"``) or a sure hit (``"any"``).
+    Several pixels may share the maximum (a plateau, a CAM cell upsampled at the border). ``ties="mean"``
+    (default) scores the share of the tied maxima that hit: the expected score of pointing at one of them drawn
+    uniformly, without a random draw, and 0 or 1 when the maximum is unique. ``ties="first"`` points at the first
+    maximum in raster order (the rule before, which favours objects at the top left); ``ties="any"`` counts a hit
+    when any of the tied maxima is inside (Quantus). A constant map (all zero, say) points nowhere: NaN, not the
+    top-left corner (``"first"``), a sure hit (``"any"``) or the object's area share (``"mean"``).
     """
 
-    def __init__(self, tolerance: float = 0.0, ties: Literal["first", "any"] = "first") -> None:
+    def __init__(self, tolerance: float = 0.0, ties: Literal["mean", "first", "any"] = "mean") -> None:
         if tolerance < 0:
             raise LumosError(f"tolerance must be >= 0 pixels, got {tolerance}.")
-        if ties not in ("first", "any"):
-            raise LumosError(f"ties must be 'first' or 'any', got {ties!r}.")
+        if ties not in ("mean", "first", "any"):
+            raise LumosError(f"ties must be 'mean', 'first' or 'any', got {ties!r}.")
         self.tolerance = float(tolerance)
         self.ties = ties
 
     def score(self, maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        b, h, w = maps.shape
         flat = maps.flatten(1)
         if self.ties == "first":
             points = torch.zeros_like(flat, dtype=torch.bool)
             points.scatter_(1, flat.argmax(1, keepdim=True), True)
         else:
             points = flat == flat.max(1, keepdim=True).values
-        if self.tolerance == 0:
-            return (points & masks.flatten(1)).any(1).float()
-        ys = torch.arange(h, device=maps.device, dtype=torch.float32)
-        xs = torch.arange(w, device=maps.device, dtype=torch.float32)
-        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-        coords = torch.stack([yy.flatten(), xx.flatten()], 1)  # (HW, 2)
-        hits = torch.zeros(b, device=maps.device)
-        for i in range(b):  # distances from the (few) pointed pixels to all object pixels
-            p = coords[points[i]]
-            q = coords[masks[i].flatten()]
-            if len(q):
-                hits[i] = float(torch.cdist(p, q).min() <= self.tolerance + 1e-6)
-        return hits
+        hits = (points & _within(masks, self.tolerance).flatten(1)).sum(1).float()
+        if self.ties == "mean":
+            return hits / points.sum(1).float()
+        return (hits > 0).float()
 
 
 class EnergyPointingGame(_Localisation):

@@ -7,6 +7,7 @@ Randomisation always works on a deep copy: the user's model is never altered.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 from lumos.engine import quiet_blank_maps
 from lumos.errors import LumosError
 from lumos.evaluate._common import TargetLike, check_images, check_model, probabilities, resolve_classes, scoring
-from lumos.targets import select_output
+from lumos.targets import OutputSpec, select_output
 
 Explainer = str | Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -135,11 +136,17 @@ class CascadingRandomisation:
         layers: names to randomise, top first; default: every conv/linear layer (:func:`randomisable_layers`).
         max_steps: record maps after at most this many evenly spaced layers (all are still randomised).
         seed: seed of the re-initialisation (the global RNG state is restored afterwards).
+        output: selects the tensor whose classes are targeted when the model returns a tuple/dict (with a method
+            name it is also passed to the method).
         method_kwargs: passed to the method class (e.g. ``layer=``).
     """
 
     def __init__(self, explainer: Explainer = "gradcam", layers: Sequence[str] | None = None,
-                 max_steps: int | None = None, seed: int = 0, **method_kwargs: Any) -> None:
+                 max_steps: int | None = None, seed: int = 0, output: OutputSpec = None,
+                 **method_kwargs: Any) -> None:
+        if output is not None and not callable(explainer):
+            method_kwargs["output"] = output
+        self.output = output
         self.explain = make_explainer(explainer, **method_kwargs)
         self.layers = list(layers) if layers is not None else None
         self.max_steps = max_steps
@@ -151,7 +158,7 @@ class CascadingRandomisation:
         x = check_images(images)
         work = copy.deepcopy(model)
         with scoring(work):
-            classes = resolve_classes(work, x, targets)
+            classes = resolve_classes(work, x, targets, self.output)
         modules = dict(work.named_modules())
         names = self.layers if self.layers is not None else randomisable_layers(work)
         unknown = [n for n in names if n not in modules]
@@ -195,26 +202,53 @@ class RandomLogitResult:
     other_blank: torch.Tensor | None = None
 
 
+def image_key(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(B,) a 63-bit number per image from its values (as float32) and ``seed``: the same image gives the same key
+    wherever it sits in a batch and however the batch is split."""
+    flat = images.detach().float().cpu().contiguous().flatten(1)
+    keys = []
+    for row in flat:
+        digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=8, key=str(seed).encode()).digest()
+        keys.append(int.from_bytes(digest, "little") >> 1)
+    return torch.tensor(keys, dtype=torch.long)
+
+
+def other_classes(images: torch.Tensor, classes: torch.Tensor, n_classes: int, seed: int = 0) -> torch.Tensor:
+    """(B,) for each image a class other than its own ``classes``, drawn uniformly from the ``n_classes - 1``
+    others by a hash of the image (:func:`image_key`): it depends on the image, its class and ``seed`` only, not
+    on its place in the batch."""
+    r = (image_key(images, seed) % (n_classes - 1)).to(classes.device)
+    return r + (r >= classes).long()
+
+
 class RandomLogit:
     """Random-logit check (Sixt et al. 2020; Adebayo et al. 2018): explain the target class and a uniformly
-    drawn other class; a class-sensitive method gives dissimilar maps (low Spearman / SSIM)."""
+    drawn other class; a class-sensitive method gives dissimilar maps (low Spearman / SSIM).
 
-    def __init__(self, explainer: Explainer = "gradcam", seed: int = 0, **method_kwargs: Any) -> None:
+    The other class of an image is drawn from a hash of the image and ``seed`` (:func:`other_classes`), so an image
+    is compared with the same class whether it is checked alone or anywhere in a batch. ``output`` selects the
+    tensor whose classes are counted and targeted when the model returns a tuple/dict; with a method name it is also
+    passed to the method.
+    """
+
+    def __init__(self, explainer: Explainer = "gradcam", seed: int = 0, output: OutputSpec = None,
+                 **method_kwargs: Any) -> None:
+        if output is not None and not callable(explainer):
+            method_kwargs["output"] = output
         self.explain = make_explainer(explainer, **method_kwargs)
         self.seed = seed
+        self.output = output
 
     def __call__(self, model: nn.Module, images: torch.Tensor, maps: torch.Tensor | None = None,
                  targets: TargetLike = None) -> RandomLogitResult:
         model = check_model(model)
         x = check_images(images)
         with scoring(model):
-            classes = resolve_classes(model, x, targets)
-            k = probabilities(select_output(model(x[:1]), None)).shape[1]
+            classes = resolve_classes(model, x, targets, self.output)
+            k = probabilities(select_output(model(x[:1]), self.output)).shape[1]
         if k < 2:
             raise LumosError("The random-logit check needs a model with at least two classes.")
-        g = torch.Generator().manual_seed(self.seed)
-        r = torch.randint(0, k - 1, (x.shape[0],), generator=g).to(classes.device)
-        other = r + (r >= classes).long()
+        other = other_classes(x, classes, k, self.seed)
         a = self.explain(model, x, classes).detach()
         with quiet_blank_maps():  # a random class's map may well be blank: an expected outcome here
             b = self.explain(model, x, other).detach()

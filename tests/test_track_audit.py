@@ -130,3 +130,91 @@ def test_one_constant_map_does_not_turn_the_mean_deletion_auc_into_nan(data):
     each = Deletion(steps=8)(net, data.images[:2], maps, data.labels[:2]).auc
     assert torch.isnan(each[0]) and torch.isfinite(each[1])  # the evaluation's own verdict on each map
     assert got == pytest.approx(float(each[1]))
+
+
+class GrayNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_a_3d_grayscale_batch_is_read_as_images_or_refused_never_as_channels(data):
+    """(B, H, W) probes used to be read as one image with B channels (with labels: 'Got 4 labels for 1 probe')."""
+    torch.manual_seed(0)
+    net = GrayNet()
+    gray = data.images[:, 0]  # (4, 32, 32): four grayscale images without a channel axis
+    got, want = MemorySink(), MemorySink()
+    ExplanationLogger(gray, data.labels, layer="features", sinks=[got]).log(net, 0)
+    ExplanationLogger(gray.unsqueeze(1), data.labels, layer="features", sinks=[want]).log(net, 0)
+    assert sorted(got.images) == [f"lumos/gradcam/{i:02d}" for i in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(_pixels(got.images), _pixels(want.images), strict=True))
+    masked = ExplanationLogger(gray, masks=data.masks, target="pred", sinks=[MemorySink()])  # masks give B too
+    assert masked.images.shape == (4, 1, 32, 32)
+    # nothing says how many images: refused in one line naming the shape and the fix
+    with pytest.raises(LumosError, match=r"\(4, 32, 32\) are ambiguous.*probes\.unsqueeze\(1\).*unsqueeze\(0\)") as err:
+        ExplanationLogger(gray, target="pred", sinks=[MemorySink()])
+    assert "\n" not in str(err.value)
+    with pytest.raises(LumosError, match=r"display_images\.unsqueeze\(1\)"):
+        ExplanationLogger(gray[:2].unsqueeze(1), target="pred", display_images=torch.rand(3, 32, 32),
+                          sinks=[MemorySink()])
+    # one image, (C, H, W) with its label, or (1, H, W): a batch of one
+    assert ExplanationLogger(data.images[0], data.labels[:1], sinks=[MemorySink()]).images.shape == (1, 3, 32, 32)
+    assert ExplanationLogger(gray[:1], target="pred", sinks=[MemorySink()]).images.shape == (1, 1, 32, 32)
+
+
+class SpreadNet(nn.Module):
+    """A small CNN that misbehaves on a constant (blank) image, like a model standardising its input does:
+    ``"all"``: the input times spread/spread (0/0), so its activations and every logit are NaN; an int: only
+    that class's logit is NaN."""
+
+    def __init__(self, nan: str | int = "all") -> None:
+        super().__init__()
+        self.nan = nan
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spread = x.flatten(1).std(1)
+        if self.nan == "all":
+            x = x * (spread / spread)[:, None, None, None]
+        out = self.fc(self.features(x).mean((2, 3)))
+        if self.nan != "all":
+            hit = (spread == 0)[:, None] & (torch.arange(out.shape[1], device=x.device) == self.nan)
+            out = out.masked_fill(hit, float("nan"))
+        return out
+
+
+@pytest.mark.parametrize("nan", ["all", 0])
+def test_a_nan_score_on_one_probe_leaves_out_that_probe_only(data, caplog, nan):
+    """One probe image with a NaN score used to drop the method for every probe image at that step."""
+    torch.manual_seed(0)
+    net = SpreadNet(nan)
+    x = data.images.clone()
+    x[1] = 0.5  # a blank probe: its explained score (class 0, its label) is NaN
+    labels = torch.tensor([1, 0, 2, 3])
+    sink = MemorySink()
+    methods = ["gradcam", "features"] if nan == "all" else ["gradcam"]
+    logger = ExplanationLogger(x, labels, methods=methods, layer="features", target="true", sinks=[sink],
+                               masks=data.masks, metrics=["pointing"])
+    with caplog.at_level(logging.DEBUG, logger="lumos.track.logger"):
+        tags = logger.log(net, 0)
+        logger.log(net, 1)
+    assert tags == [f"lumos/{m}/{i:02d}" for m in methods for i in (0, 2, 3)]
+    # the kept maps are those of the probe images explained without the blank one
+    clean = MemorySink()
+    ExplanationLogger(x[[0, 2, 3]], labels[[0, 2, 3]], methods=methods, layer="features", target="true",
+                      sinks=[clean]).log(net, 0)
+    for m in methods:
+        for k, i in enumerate((0, 2, 3)):
+            a, b = (np.asarray(s.images[f"lumos/{m}/{j:02d}"][0][1]) for s, j in ((sink, i), (clean, k)))
+            assert a.shape == b.shape and np.array_equal(a[:48], b[:48])  # the same map (captions: #i vs #k)
+    assert [s for s, _ in sink.scalars["lumos/gradcam/pointing_game"]] == [0, 1]
+    said = [r for r in caplog.records if "left out at this step" in r.getMessage()]
+    for m in methods:
+        mine = [r for r in said if r.getMessage().startswith(f"lumos.track: {m}: probe image 1 left out")]
+        assert [r.levelname for r in mine] == ["WARNING", "DEBUG"], [r.getMessage() for r in said]
+    assert not [r for r in caplog.records if "not logged at this step" in r.getMessage()]

@@ -100,3 +100,75 @@ def test_keras_epoch_and_step_logging_share_one_axis(data):
     build().fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[LumosKerasCallback(logger)])
     # 2 batches per epoch: steps 3 (batches), 2 and 4 (epoch ends, as batch counts, not epochs 0 and 1)
     assert [s for s, _, _ in sink.images["lumos/gradcam/00"]] == [2, 3, 4]
+
+
+def _steps(sink: MemorySink, tag: str = "lumos/gradcam/00") -> list[int]:
+    return [s for s, _, _ in sink.images[tag]]
+
+
+def test_keras_steps_go_on_across_fits_and_from_initial_epoch(data):
+    """A resumed fit (initial_epoch) used to count batches from 1 again, and a second fit logged epochs from 0
+    again: both overwrote the pictures already logged at those steps."""
+    x, y, _ = data  # 16 images, batch 8: 2 batches per epoch
+    model = build()
+    sink = MemorySink()
+    cb = LumosKerasCallback(ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[sink], every_n_steps=1), close=False)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])  # goes on where the first fit stopped
+    assert _steps(sink) == [1, 2, 3, 4]
+    resumed = MemorySink()  # a new callback, training resumed at epoch 3: 3 x 2 batches already trained
+    cb = LumosKerasCallback(ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[resumed], every_n_steps=1))
+    model.fit(x, y, epochs=4, initial_epoch=3, batch_size=8, verbose=0, callbacks=[cb])
+    assert _steps(resumed) == [7, 8]
+    # epochs alone: Keras' epoch index, counted on across fits too
+    by_epoch = MemorySink()
+    cb = LumosKerasCallback(ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[by_epoch]), close=False)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=6, initial_epoch=5, batch_size=8, verbose=0, callbacks=[cb])
+    assert _steps(by_epoch) == [0, 1, 2, 5]
+
+
+def test_keras_a_second_fit_logs_into_the_same_open_runs(tmp_path, data, monkeypatch):
+    """The end of fit used to close the sinks: a second fit then logged into a finished W&B run (W&B refuses:
+    model.fit failed). Now the sinks stay open until logger.close() (or interpreter exit); hooks still go."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lumos.track import WandbSink
+    from test_track_sinks import wandb_history
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_DISABLE_GIT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    x, y, _ = data
+    model = build()
+    wandb_sink = WandbSink(project="lumos-test", dir=tmp_path)
+    run_dir = Path(wandb_sink.run.dir).parent
+    logger = ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[wandb_sink, TensorBoardSink(tmp_path / "tb")])
+    cb = LumosKerasCallback(logger)
+    for _ in range(2):
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+        assert not model.get_layer("conv2")._forward_hooks  # removed at the end of each fit
+    logger.close()
+    assert [r["_step"] for r in wandb_history(run_dir) if "lumos/gradcam/00" in r] == [0, 1]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("lumos/gradcam/00")] == [0, 1]
+
+
+def test_keras_callback_closes_the_logger_at_exit_unless_closed_before(data, monkeypatch):
+    import atexit
+
+    registered: list = []
+    monkeypatch.setattr(atexit, "register", lambda f, *a, **k: registered.append(f) or f)
+    monkeypatch.setattr(atexit, "unregister", lambda f: registered.remove(f))
+    x, y, _ = data
+    logger = ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[MemorySink()])
+    LumosKerasCallback(logger)
+    assert registered == [logger.close]
+    logger.close()
+    assert registered == []
+    LumosKerasCallback(ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[MemorySink()]), close=False)
+    assert registered == []

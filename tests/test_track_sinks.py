@@ -166,3 +166,35 @@ def test_wandb_own_run_says_once_when_a_step_goes_back(wandb_env, data, caplog):
     logger.close()
     said = [r.getMessage() for r in caplog.records if "W&B drops" in r.getMessage()]
     assert len(said) == 1 and "step 3, below the run's current step" in said[0]
+
+
+def test_default_tensorboard_folder_is_new_per_run(tmp_path, data, monkeypatch, caplog):
+    """The default used to be runs/lumos for every run: two trainings mixed their pictures in one folder."""
+    import logging
+    import socket
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20250102-030405")  # both runs start in one second
+    net = TinyCNN()
+    dirs = []
+    with caplog.at_level(logging.INFO, logger="lumos.track"):
+        for prefix in ("first", "second"):
+            logger = ExplanationLogger(data.images[:1], data.labels[:1], layer="features.block4", prefix=prefix,
+                                       sinks=["tensorboard"])
+            logger.log(net, 0)
+            logger.close()
+            dirs.append(logger.sinks[0].log_dir)
+    stem = f"runs/lumos/20250102-030405_{socket.gethostname()}"
+    assert [d.replace("\\", "/") for d in dirs] == [stem, f"{stem}_2"]
+    for d, prefix in zip(dirs, ("first", "second"), strict=True):
+        acc = EventAccumulator(d, size_guidance={"images": 0})
+        acc.Reload()
+        assert acc.Tags()["images"] == [f"{prefix}/gradcam/00"]  # each run's pictures alone in its folder
+        assert any(d in r.getMessage() for r in caplog.records)  # where it writes is said
+    from lumos.track import TensorBoardSink
+
+    explicit = TensorBoardSink("tb/exp1")  # a folder given is used exactly as given
+    explicit.close()
+    assert explicit.log_dir == "tb/exp1" and (tmp_path / "tb" / "exp1").is_dir()

@@ -23,18 +23,43 @@ if keras.backend.backend() != "torch":
 class LumosKerasCallback(keras.callbacks.Callback):
     """Log explanations with an :class:`ExplanationLogger` during ``model.fit``.
 
-    After every ``logger.every_n_steps``-th batch (step = the number of batches trained so far) and at the
-    end of every ``logger.every_n_epochs``-th epoch: step = the epoch index, or the number of batches when
-    the logger also logs every N steps (so one tag never mixes two x-axes; a step already logged is not
-    logged again).
+    After every ``logger.every_n_steps``-th batch and at the end of every ``logger.every_n_epochs``-th epoch.
+    Steps count on across ``fit`` calls, as a resumed training expects: the step is the number of batches
+    trained so far with this callback, raised at the start of a ``fit`` to ``initial_epoch`` x batches per epoch
+    when that is more (training resumed from a checkpoint); the epoch is Keras' epoch index (which starts at
+    ``initial_epoch``), or the number of epochs trained so far with this callback when that is more (a second
+    ``fit`` without ``initial_epoch`` goes on from where the first stopped). At an epoch end the step is the
+    epoch, or the batch count when the logger also logs every N steps (so one tag never mixes two x-axes; a step
+    already logged is not logged again). For a fresh count, make a new callback.
+
+    The end of a ``fit`` removes lumos' hooks from the Keras layers and flushes the sinks, but leaves them open,
+    so another ``fit`` with this callback logs into the same TensorBoard folder, W&B and MLflow runs. With
+    ``close=True`` (the default) the sinks are closed when the interpreter exits, or earlier by
+    ``logger.close()``; with ``close=False`` closing is left to you.
     """
 
     def __init__(self, logger: ExplanationLogger, close: bool = True) -> None:
         super().__init__()
         self.logger = logger
         self.close = close
-        self.global_step = 0
+        self.global_step = 0  # batches trained with this callback (raised to initial_epoch x batches per epoch)
+        self.epochs_done = 0  # epochs trained with this callback (or up to initial_epoch)
+        self._epoch = 0  # the current epoch, counted on across fits
+        self._fit_started = False
         self._last: int | None = None  # the batch count last logged
+        if close:
+            logger.close_at_exit()
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._fit_started = True
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch = max(int(epoch), self.epochs_done)
+        if self._fit_started:  # the first epoch of this fit: initial_epoch (Keras' epoch) says where it resumes
+            self._fit_started = False
+            steps = (self.params or {}).get("steps")
+            if steps:
+                self.global_step = max(self.global_step, self._epoch * int(steps))
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         self.global_step += 1
@@ -43,6 +68,8 @@ class LumosKerasCallback(keras.callbacks.Callback):
             self.logger.log(self.model, self.global_step)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        epoch = self._epoch
+        self.epochs_done = epoch + 1
         if not self.logger.due_epoch(epoch):
             return
         if not self.logger.every_n_steps:
@@ -52,5 +79,5 @@ class LumosKerasCallback(keras.callbacks.Callback):
             self.logger.log(self.model, self.global_step)
 
     def on_train_end(self, logs: Any = None) -> None:
-        if self.close:
-            self.logger.close()
+        self.logger.remove_hooks()  # the user's model trains and predicts without them between fits
+        self.logger.flush()

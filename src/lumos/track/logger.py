@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 from lumos.api import explain, feature_maps
 from lumos.capture import model_guard
 from lumos.engine import blank_maps, quiet_blank_maps
-from lumos.errors import LumosError
+from lumos.errors import LumosError, NonFiniteError, each_alone_on_nonfinite
 from lumos.explainer import MethodSpec, check_method_settings
 from lumos.methods.base import method_class
 from lumos.render import draw_map
@@ -45,7 +46,9 @@ class ExplanationLogger:
     """Log explanations of fixed probe images to one or more sinks, every N epochs or steps.
 
     Args:
-        images: probe images, (B, C, H, W) or (B, H, W, C) (Keras), in the model's input space.
+        images: probe images, (B, C, H, W) or (B, H, W, C) (Keras), in the model's input space. A 3-D
+            grayscale batch (B, H, W) is read as B images when ``labels`` (or ``masks``) give B; without them it
+            is refused in one line (it looks like one image with B channels): add the channel axis yourself.
         labels: their true classes (B,), optional; needed for ``target="true"``/``"both"``.
         methods: lumos method names (``"gradcam"``, ``"cam"``, ``"gradcam++"``, ...) and/or
             ``"features"`` (a grid of the top channels of ``feature_layer``).
@@ -92,9 +95,12 @@ class ExplanationLogger:
         deletion_steps: int = 20,
         settings: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
-        self.images, self.channels_last = to_nchw(images)
-        b = self.images.shape[0]
         self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1).cpu()
+        mask_t = None if masks is None else torch.as_tensor(masks)
+        batch = (len(self.labels) if self.labels is not None
+                 else mask_t.shape[0] if mask_t is not None and mask_t.ndim == 3 else None)
+        self.images, self.channels_last = to_nchw(images, batch)  # 3-D: grayscale (B, H, W) only when labels say so
+        b = self.images.shape[0]
         if self.labels is not None and len(self.labels) != b:
             raise LumosError(f"Got {len(self.labels)} labels for {b} probe images; give one per image.")
         if target not in ("true", "pred", "both"):
@@ -115,11 +121,11 @@ class ExplanationLogger:
         self.sinks = [make_sink(s) for s in sink_specs]
         self.every_n_epochs = _every("every_n_epochs", every_n_epochs)
         self.every_n_steps = _every("every_n_steps", every_n_steps)
-        shown = self.images if display_images is None else to_nchw(display_images)[0]
+        shown = self.images if display_images is None else to_nchw(display_images, b, "display_images")[0]
         if shown.shape[0] != b:
             raise LumosError(f"display_images has {shown.shape[0]} images; the probe has {b}.")
         self.display = [display_array(im) for im in shown]
-        self.masks = None if masks is None else torch.as_tensor(masks).bool().cpu()
+        self.masks = None if mask_t is None else mask_t.bool().cpu()
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise LumosError(f"Unknown metric {unknown[0]!r}; known: {', '.join(METRICS)}.")
@@ -133,6 +139,7 @@ class ExplanationLogger:
         self.alpha = alpha
         self.deletion_steps = deletion_steps
         self._adapters: dict[int, KerasAdapter] = {}
+        self._close_at_exit = False
 
     # -- when ----------------------------------------------------------------------------------------
     def due_epoch(self, epoch: int) -> bool:
@@ -225,10 +232,11 @@ class ExplanationLogger:
                 cap = f"#{i} label: {self._name(lab, binary)}, " + cap[len(f"#{i} "):]
                 cap += f", p(label)={float(probs[i, lab]):.2f}"
             captions.append(cap)
+        scoreless = {i for i in range(b) if not bool(out[i].isfinite().any())}  # no class has a finite score
         for method in self.methods:
             try:
                 self._collect_method(method, net, x, layer, flayer, captions, modes, preds, probs, binary, items,
-                                     scalars)
+                                     scalars, scoreless)
             except LumosError as err:  # e.g. an untrained ViT's zero head: say it, never stop the training
                 self._skipped(method, err)
         return items, scalars
@@ -242,61 +250,112 @@ class ExplanationLogger:
         self._reported.add(key)
         log.log(level, "%s", text)
 
+    def _left_out(self, method: str, bad: Sequence[int], what: str) -> None:
+        """One warning per method and set of probe images left out of a step (debug level at later steps)."""
+        which = ", ".join(map(str, bad))
+        self._once((method, "not finite", tuple(bad)),
+                   f"lumos.track: {method}: probe image{'s' if len(bad) > 1 else ''} {which} left out at this step: "
+                   f"{what} not finite (NaN or inf); the other probe images are logged (said once; later steps "
+                   "log it at debug level)")
+
     def _collect_method(self, method: str, net: nn.Module, x: torch.Tensor, layer: Any, flayer: Any,
                         captions: list[str], modes: list[str], preds: torch.Tensor, probs: torch.Tensor, binary: bool,
-                        items: list[tuple[str, Image.Image, str]], scalars: dict[str, float]) -> None:
-        """Add one method's pictures (and its scalars) for the probe images to ``items`` (``scalars``)."""
+                        items: list[tuple[str, Image.Image, str]], scalars: dict[str, float],
+                        scoreless: Collection[int] = ()) -> None:
+        """Add one method's pictures (and its scalars) for the probe images to ``items`` (``scalars``).
+
+        A probe image whose score (or, for ``"features"``, activation) is not finite is left out of this
+        step with one warning naming it; the other probe images are logged. When none is left, the method
+        is left out (a ``LumosError``).
+        """
         b, device = x.shape[0], x.device
         found: list[tuple[str, Image.Image, str]] = []
         if method == FEATURES:
             fm = feature_maps(net, x, layer=flayer, n=self.n_features)
-            if not bool(fm.activations.isfinite().all()):  # NaN tiles would be drawn as flat, "quiet" channels
+            ok = fm.activations.flatten(1).isfinite().all(1).tolist()  # NaN tiles would be drawn flat, "quiet"
+            if not any(ok):
                 raise LumosError("the feature maps are not finite (NaN or inf): check the model's weights.")
-            for i in range(b):
+            if not all(ok):
+                self._left_out(method, [i for i in range(b) if not ok[i]], "its feature maps are")
+            for i in (i for i in range(b) if ok[i]):
                 grid = channel_tiles(fm.activations[i], fm.top_channels[i])
                 found.append((f"{self.prefix}/{FEATURES}/{i:02d}", with_caption(grid, captions[i]), captions[i]))
             items += found
             return
-        panels: list[list[Image.Image]] = [[] for _ in range(b)]
-        first_maps = first_classes = None
+        bad = set(scoreless)  # probe images whose explained score is not finite
+        if len(bad) == b:
+            raise LumosError("the model's scores are not finite (NaN or inf) for every probe image: check the "
+                             "model's weights.")
+        signs = None
+        per_mode: list[tuple[str, torch.Tensor, dict[int, torch.Tensor]]] = []
+        kind = None
         for mode in modes:
             classes = self.labels if mode == "true" else preds
-            target: Any = classes.tolist()
-            if binary:
-                signs = (classes.to(device).float() * 2 - 1)
-                target = _BinaryTarget(signs)  # explain the logit for "positive", its negation for "negative"
-            # blank maps are said on the panel, a cap reached above tolerance once per run, not at every step
-            with quiet_blank_maps(), gather_shortfalls(say=False) as short:
-                ex = explain(net, x, method=method, target=target, layer=layer,
+            if binary:  # explain the logit for "positive", its negation for "negative"
+                signs = classes.to(device).float() * 2 - 1
+
+            def run(idx: list[int], classes: torch.Tensor = classes, signs: torch.Tensor | None = signs,
+                    ) -> list[tuple[int, torch.Tensor]]:
+                nonlocal kind
+                sel = torch.tensor(idx, dtype=torch.long)
+                target: Any = _BinaryTarget(signs[sel.to(device)]) if signs is not None else classes[sel].tolist()
+                ex = explain(net, x[sel.to(device)], method=method, target=target, layer=layer,
                              **self.settings.get(method_class(method).name, {}))
+                kind = ex.kind
+                maps = ex.maps.detach().float().cpu()
+                return [(i, maps[k]) for k, i in enumerate(idx)]
+
+            def fail(i: int, err: NonFiniteError) -> list[tuple[int, torch.Tensor]]:
+                bad.add(i)
+                return []
+
+            alive = [i for i in range(b) if i not in bad]
+            if not alive:
+                break
+            # blank maps are said on the panel, a cap reached above tolerance once per run, not at every step;
+            # a NaN or inf score on some probe images: each image alone, so the others are kept
+            with quiet_blank_maps(), gather_shortfalls(say=False) as short:
+                got = dict(each_alone_on_nonfinite(run, alive, fail))
             for cut in short:
                 self._once(cut.key(), f"lumos.track: {cut.line()} (said once; later steps log it at debug level)")
-            maps = ex.maps.detach().float().cpu()
+            per_mode.append((mode, classes, got))
+        keep = [i for i in range(b) if i not in bad]
+        if not keep:
+            raise LumosError("the model's scores are not finite (NaN or inf) for every probe image: check the "
+                             "model's weights.")
+        if bad:
+            self._left_out(method, sorted(bad), "the explained score is")
+        panels: list[list[Image.Image]] = [[] for _ in range(b)]
+        for mode, classes, got in per_mode:
+            maps = torch.stack([got[i] for i in keep])
             blank = blank_maps(maps)
-            if first_maps is None:
-                first_maps, first_classes = maps, classes
-            for i in range(b):
+            for k, i in enumerate(keep):
                 c = int(classes[i])
-                head = panel_header(mode, self._name(c, binary), float(probs[i, c]), bool(blank[i]))
+                head = panel_header(mode, self._name(c, binary), float(probs[i, c]), bool(blank[k]))
                 img = upscale(self.display[i], self.display_size)
-                panels[i].append(with_caption(draw_map(img, maps[i].numpy(), ex.kind, self.colormap, self.alpha),
-                                              head))
-        for i in range(b):
+                panels[i].append(with_caption(draw_map(img, maps[k].numpy(), kind, self.colormap, self.alpha), head))
+        for i in keep:
             found.append((f"{self.prefix}/{method}/{i:02d}", with_caption(hstack(panels[i]), captions[i]),
                           captions[i]))
-        metrics = self._metrics(net, x, method, first_maps, first_classes, binary)
+        _, first_classes, first = per_mode[0]
+        sel = torch.tensor(keep, dtype=torch.long)
+        metrics = self._metrics(net, x[sel.to(device)], method, torch.stack([first[i] for i in keep]),
+                                first_classes[sel], binary, keep)
         items += found  # only once the method is complete: a failure adds nothing
         scalars.update(metrics)
 
     def _metrics(self, net: nn.Module, x: torch.Tensor, method: str, maps: torch.Tensor | None,
-                 classes: torch.Tensor | None, binary: bool) -> dict[str, float]:
+                 classes: torch.Tensor | None, binary: bool, keep: Sequence[int] | None = None) -> dict[str, float]:
+        """The method's scalars over the probe images ``keep`` (default: all), whose ``x``, maps and classes
+        are given."""
         if not self.metrics or maps is None:
             return {}
         from lumos.evaluate import Deletion, PointingGame
 
         out: dict[str, float] = {}
         if "pointing" in self.metrics:
-            hits = PointingGame()(maps=maps, masks=self.masks)
+            masks = self.masks if keep is None else self.masks[torch.tensor(list(keep), dtype=torch.long)]
+            hits = PointingGame()(maps=maps, masks=masks)
             out[f"{self.prefix}/{method}/pointing_game"] = float(hits.nanmean())
         if "deletion" in self.metrics:
             targets = None if binary else classes.to(x.device)
@@ -304,11 +363,30 @@ class ExplanationLogger:
             out[f"{self.prefix}/{method}/deletion_auc"] = float(res.auc.nanmean())  # constant maps: NaN, left out
         return out
 
-    def close(self) -> None:
-        """Flush and close every sink (and remove hooks put on Keras layers)."""
+    def remove_hooks(self) -> None:
+        """Remove the hooks lumos put on Keras layers (put back by the next :meth:`log`); the sinks stay open."""
         for adapter in self._adapters.values():
             adapter.remove()
         self._adapters.clear()
+
+    def flush(self) -> None:
+        """Write what every sink holds, leaving them open."""
+        for sink in self.sinks:
+            sink.flush()
+
+    def close_at_exit(self) -> None:
+        """Close the sinks when the interpreter exits, unless :meth:`close` is called before (the Keras callback's
+        way: another ``fit`` keeps logging into the same runs)."""
+        if not self._close_at_exit:
+            self._close_at_exit = True
+            atexit.register(self.close)
+
+    def close(self) -> None:
+        """Flush and close every sink (and remove hooks put on Keras layers)."""
+        if self._close_at_exit:
+            self._close_at_exit = False
+            atexit.unregister(self.close)
+        self.remove_hooks()
         for sink in self.sinks:
             sink.close()
 

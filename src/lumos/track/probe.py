@@ -13,11 +13,25 @@ from torch import nn
 from lumos.errors import LumosError
 
 
-def to_nchw(images: Any) -> tuple[torch.Tensor, bool]:
-    """Probe images as a float (B, C, H, W) tensor, and whether they were given channels-last."""
+def to_nchw(images: Any, batch: int | None = None, what: str = "probes") -> tuple[torch.Tensor, bool]:
+    """Probe images as a float (B, C, H, W) tensor, and whether they were given channels-last.
+
+    A 3-D tensor is read as ``batch`` grayscale images (B, H, W) when ``batch`` (the number of labels or masks)
+    is its first size, as one image (C, H, W) or (H, W, C) when ``batch`` is 1, and is otherwise refused in
+    one line (one image with B channels and B grayscale images look alike).
+    """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.ndim == 3:
-        x = x[None]
+        if x.shape[0] == 1 or (batch is not None and batch == x.shape[0]):
+            x = x[:, None]  # B grayscale images without a channel axis ((1, H, W) is the same either way)
+        elif batch == 1:
+            x = x[None]  # one image
+        else:
+            shape = tuple(x.shape)
+            raise LumosError(
+                f"Probe images of shape {shape} are ambiguous (one image with {shape[0]} channels, or {shape[0]} "
+                f"grayscale images?): give a (B, C, H, W) batch: for grayscale images add a channel axis "
+                f"({what}.unsqueeze(1)), for one image a batch axis ({what}.unsqueeze(0)).")
     if x.ndim != 4 or x.shape[0] == 0:
         raise LumosError(f"Probe images must be a (B, C, H, W) or (B, H, W, C) batch; got {tuple(x.shape)}.")
     channels_last = x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4)

@@ -10,6 +10,8 @@ import importlib
 import io
 import logging
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +52,49 @@ class Sink:
         """Release files/runs the sink opened itself."""
 
 
+DEFAULT_TB_ROOT = "runs/lumos"
+
+
+def _stamp() -> str:
+    """``YYYYmmdd-HHMMSS_<host>``: the name of a default TensorBoard run folder (like TensorBoard's own)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}_{socket.gethostname()}"
+
+
+def fresh_run_dir(root: str | os.PathLike[str] = DEFAULT_TB_ROOT) -> Path:
+    """A new, empty folder ``root/<YYYYmmdd-HHMMSS>_<host>`` (``_2``, ``_3``, ... appended when it exists).
+
+    Made here (not by the writer later) so two runs started in the same second, even in two processes, never
+    share a folder.
+    """
+    base = Path(root) / _stamp()
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}_{n}")
+
+
 class TensorBoardSink(Sink):
     """TensorBoard event files in ``log_dir`` (``torch.utils.tensorboard.SummaryWriter``), or an existing writer.
 
+    ``log_dir=None`` (the default) writes to a new folder per run, ``runs/lumos/<YYYYmmdd-HHMMSS>_<host>``
+    (made unique), so two trainings never mix their pictures; ``tensorboard --logdir runs/lumos`` shows each
+    run on its own. A ``log_dir`` given is used exactly as given. The folder is logged (INFO).
     Captions go to a text summary under ``<tag>/caption`` when ``captions=True``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike[str] = "runs/lumos", writer: Any = None, captions: bool = False):
+    def __init__(self, log_dir: str | os.PathLike[str] | None = None, writer: Any = None, captions: bool = False):
         if writer is None:
             require("tensorboard", "tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=str(log_dir))
+            folder = fresh_run_dir() if log_dir is None else log_dir
+            writer = SummaryWriter(log_dir=str(folder))
+            log.info("lumos.track: TensorBoard event files go to %s", writer.log_dir)
             self._owned = True
         else:
             self._owned = False

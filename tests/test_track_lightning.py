@@ -89,3 +89,116 @@ def test_epoch_and_step_logging_share_one_axis():
     assert steps == sorted(set(steps)) == [4, 8, 12, 16]
     with pytest.raises(ValueError, match="one axis"):
         LumosCallback(logger, step="epoch")
+
+
+def _trainer(callback: LumosCallback, epochs: int, **kw) -> pl.Trainer:
+    return pl.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1, **kw)
+
+
+def _loader(data) -> torch.utils.data.DataLoader:  # 16 images, batch 8: 2 optimiser steps per epoch
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=8)
+
+
+def _steps(sink: MemorySink, tag: str = "lumos/gradcam/00") -> list[int]:
+    return [s for s, _, _ in sink.images[tag]]
+
+
+def test_lightning_a_second_fit_logs_into_the_same_open_runs(tmp_path, monkeypatch):
+    """The end of fit used to close the sinks: a second fit (a new Trainer with the same callback) then logged
+    into a finished W&B run (W&B refuses: trainer.fit failed) and started the epoch axis at 0 again. Now the
+    sinks stay open until logger.close() (or interpreter exit) and the steps go on."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lumos.track import WandbSink
+    from test_track_sinks import wandb_history
+
+    for key, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true",
+                       "WANDB_DISABLE_GIT": "true"}.items():
+        monkeypatch.setenv(key, value)
+    data = make_dataset(16, size=32, seed=5)
+    wandb_sink = WandbSink(project="lumos-test", dir=tmp_path)
+    run_dir = Path(wandb_sink.run.dir).parent
+    logger = ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                               sinks=[wandb_sink, TensorBoardSink(tmp_path / "tb")])
+    cb = LumosCallback(logger)
+    module = Module()
+    _trainer(cb, 2).fit(module, _loader(data))
+    _trainer(cb, 1).fit(module, _loader(data))  # a new Trainer starts at epoch 0: logged as epoch 2
+    logger.close()
+    assert [r["_step"] for r in wandb_history(run_dir) if "lumos/gradcam/00" in r] == [0, 1, 2]
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("lumos/gradcam/00")] == [0, 1, 2]
+
+
+def test_lightning_steps_never_go_back_across_trainers_and_checkpoints(tmp_path):
+    """A new Trainer with the same callback used to log from step 0 again (over the pictures already logged; W&B
+    drops such rows). Its steps now go on; Lightning's own continuation (the same Trainer, or a checkpoint) is
+    kept, and the checkpoint carries the callback's count, so a resumed training goes on even with a new one."""
+    data = make_dataset(16, size=32, seed=5)
+    sink = MemorySink()
+    cb = LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                         sinks=[sink], every_n_epochs=None, every_n_steps=1), close=False)
+    module = Module()
+    first = _trainer(cb, 1)
+    first.fit(module, _loader(data))  # global steps 1, 2
+    first.fit_loop.max_epochs = 2
+    first.fit(module, _loader(data))  # the same Trainer goes on by itself: 3, 4
+    second = _trainer(cb, 1)
+    second.fit(module, _loader(data))  # a new Trainer counts 1, 2 again: logged as 5, 6
+    assert _steps(sink) == [1, 2, 3, 4, 5, 6]
+    second.save_checkpoint(tmp_path / "last.ckpt")  # its global step is 2; the callback's axis is at 6
+    resumed = MemorySink()  # a new process: a new callback, training resumed from the checkpoint
+    cb = LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                         sinks=[resumed], every_n_epochs=None, every_n_steps=1), close=False)
+    _trainer(cb, 2).fit(Module(), _loader(data), ckpt_path=tmp_path / "last.ckpt")
+    assert _steps(resumed) == [7, 8]
+    # the epoch axis alike
+    by_epoch = MemorySink()
+    cb = LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                         sinks=[by_epoch]), close=False)
+    _trainer(cb, 2).fit(module, _loader(data))
+    _trainer(cb, 1).fit(module, _loader(data))
+    assert _steps(by_epoch) == [0, 1, 2]
+
+
+def test_lightning_resumed_accumulation_waits_for_its_first_optimiser_step(tmp_path):
+    """Resumed at global step 2 with gradient accumulation, the first micro-batches (no optimiser step yet) used
+    to log step 2 again: the checkpoint's model, already logged before it was saved."""
+    data = make_dataset(16, size=32, seed=5)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=4)
+    first = _trainer(LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                                     sinks=[MemorySink()], every_n_epochs=None, every_n_steps=1)),
+                     1, accumulate_grad_batches=2)
+    first.fit(Module(), loader)  # 4 batches, 2 optimiser steps
+    first.save_checkpoint(tmp_path / "last.ckpt")
+    sink = MemorySink()
+    cb = LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                         sinks=[sink], every_n_epochs=None, every_n_steps=1), close=False)
+    _trainer(cb, 2, accumulate_grad_batches=2).fit(Module(), loader, ckpt_path=tmp_path / "last.ckpt")
+    assert _steps(sink) == [3, 4]
+
+
+def test_lightning_callback_closes_the_logger_at_exit_unless_closed_before(monkeypatch):
+    import atexit
+
+    registered: list = []
+    monkeypatch.setattr(atexit, "register", lambda f, *a, **k: registered.append(f) or f)
+    monkeypatch.setattr(atexit, "unregister", lambda f: registered.remove(f))
+    data = make_dataset(16, size=32, seed=5)
+    sink = MemorySink()
+    logger = ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4", sinks=[sink])
+    closed: list[int] = []
+    monkeypatch.setattr(sink, "close", lambda: closed.append(1))
+    cb = LumosCallback(logger)
+    assert registered == [logger.close]
+    _trainer(cb, 1).fit(Module(), _loader(data))
+    assert closed == []  # the end of fit leaves the sinks open
+    logger.close()
+    assert registered == [] and closed == [1]
+    LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                    sinks=[MemorySink()]), close=False)
+    assert registered == []

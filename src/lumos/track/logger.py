@@ -375,8 +375,8 @@ class ExplanationLogger:
             sink.flush()
 
     def close_at_exit(self) -> None:
-        """Close the sinks when the interpreter exits, unless :meth:`close` is called before (the Keras callback's
-        way: another ``fit`` keeps logging into the same runs)."""
+        """Close the sinks when the interpreter exits, unless :meth:`close` is called before (the Keras and Lightning
+        callbacks' way: another ``fit`` keeps logging into the same runs)."""
         if not self._close_at_exit:
             self._close_at_exit = True
             atexit.register(self.close)

@@ -218,3 +218,56 @@ def test_a_nan_score_on_one_probe_leaves_out_that_probe_only(data, caplog, nan):
         mine = [r for r in said if r.getMessage().startswith(f"lumos.track: {m}: probe image 1 left out")]
         assert [r.levelname for r in mine] == ["WARNING", "DEBUG"], [r.getMessage() for r in said]
     assert not [r for r in caplog.records if "not logged at this step" in r.getMessage()]
+
+
+MARK = 0.123  # a value no probe pixel has: the pixels of the probe image(s) whose masked copies give NaN
+
+
+class MarkedNet(nn.Module):
+    """TinyCNN whose scores are NaN on an image holding ``MARK`` and a deleted (zero) pixel: the deletion score's
+    masked copies of a marked probe image, never a clean probe image (a model that breaks on some inputs only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyCNN()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        hit = (x == MARK).flatten(1).any(1) & (x == 0).flatten(1).any(1)
+        return out.masked_fill(hit[:, None], float("nan"))
+
+
+@pytest.mark.parametrize("marked", [[1], [0, 1, 2, 3]])
+def test_a_nan_deletion_score_leaves_out_that_probe_from_the_deletion_mean_only(data, caplog, marked):
+    """A NaN score on the masked copies of one probe image used to drop the method (maps and scalars) for every
+    probe image at that step."""
+    torch.manual_seed(0)
+    net = MarkedNet()
+    x = data.images.clamp(min=0.01)  # no deleted pixel yet in a clean probe image
+    x[marked, 2, :16] = MARK  # half of one channel: masked copies keep some of it (and get zeros)
+    sink = MemorySink()
+    logger = ExplanationLogger(x, data.labels, layer="net.features.block4", target="true", sinks=[sink],
+                               masks=data.masks, metrics=["pointing", "deletion"], deletion_steps=8)
+    with caplog.at_level(logging.DEBUG, logger="lumos.track.logger"):
+        tags = logger.log(net, 0)
+        logger.log(net, 1)
+    assert tags == [f"lumos/gradcam/{i:02d}" for i in range(4)]  # every probe's map is logged
+    pointing = MemorySink()  # the pointing game still counts every probe image
+    ExplanationLogger(x, data.labels, layer="net.features.block4", target="true", sinks=[pointing],
+                      masks=data.masks, metrics=["pointing"]).log(net, 0)
+    assert sink.scalars["lumos/gradcam/pointing_game"][0] == pointing.scalars["lumos/gradcam/pointing_game"][0]
+    clean = [i for i in range(4) if i not in marked]
+    if clean:  # the deletion mean is that of the other probe images
+        want = MemorySink()
+        ExplanationLogger(x[clean], data.labels[clean], layer="net.features.block4", target="true", sinks=[want],
+                          metrics=["deletion"], deletion_steps=8).log(net, 0)
+        (step, got), _ = sink.scalars["lumos/gradcam/deletion_auc"]
+        assert step == 0 and got == pytest.approx(want.scalars["lumos/gradcam/deletion_auc"][0][1], abs=1e-6)
+    else:  # no probe image can be scored: no deletion point at all (never a NaN one)
+        assert "lumos/gradcam/deletion_auc" not in sink.scalars
+    said = [r for r in caplog.records if "deletion" in r.getMessage() and "left out" in r.getMessage()]
+    which = ", ".join(map(str, marked))
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"], [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith(f"lumos.track: gradcam: probe image{'s' * (len(marked) > 1)} {which} "
+                                           "left out of deletion_auc at this step")
+    assert not [r for r in caplog.records if "not logged at this step" in r.getMessage()]

@@ -250,13 +250,15 @@ class ExplanationLogger:
         self._reported.add(key)
         log.log(level, "%s", text)
 
-    def _left_out(self, method: str, bad: Sequence[int], what: str) -> None:
-        """One warning per method and set of probe images left out of a step (debug level at later steps)."""
+    def _left_out(self, method: str, bad: Sequence[int], what: str, of: str = "",
+                  rest: str = "the other probe images are logged") -> None:
+        """One warning per method and set of probe images left out of a step, or of one of its scalars (``of``),
+        naming them (debug level at later steps)."""
         which = ", ".join(map(str, bad))
-        self._once((method, "not finite", tuple(bad)),
-                   f"lumos.track: {method}: probe image{'s' if len(bad) > 1 else ''} {which} left out at this step: "
-                   f"{what} not finite (NaN or inf); the other probe images are logged (said once; later steps "
-                   "log it at debug level)")
+        self._once((method, "not finite", of, tuple(bad)),
+                   f"lumos.track: {method}: probe image{'s' if len(bad) > 1 else ''} {which} left out"
+                   f"{f' of {of}' if of else ''} at this step: {what} not finite (NaN or inf); {rest} (said once; "
+                   "later steps log it at debug level)")
 
     def _collect_method(self, method: str, net: nn.Module, x: torch.Tensor, layer: Any, flayer: Any,
                         captions: list[str], modes: list[str], preds: torch.Tensor, probs: torch.Tensor, binary: bool,
@@ -347,7 +349,8 @@ class ExplanationLogger:
     def _metrics(self, net: nn.Module, x: torch.Tensor, method: str, maps: torch.Tensor | None,
                  classes: torch.Tensor | None, binary: bool, keep: Sequence[int] | None = None) -> dict[str, float]:
         """The method's scalars over the probe images ``keep`` (default: all), whose ``x``, maps and classes
-        are given."""
+        are given. A probe image whose masked copies give a non-finite score is left out of the deletion mean
+        (one warning naming it); when no probe image is left, the deletion scalar is not logged."""
         if not self.metrics or maps is None:
             return {}
         from lumos.evaluate import Deletion, PointingGame
@@ -358,9 +361,28 @@ class ExplanationLogger:
             hits = PointingGame()(maps=maps, masks=masks)
             out[f"{self.prefix}/{method}/pointing_game"] = float(hits.nanmean())
         if "deletion" in self.metrics:
-            targets = None if binary else classes.to(x.device)
-            res = Deletion(steps=self.deletion_steps)(net, x, maps.to(x.device), targets)
-            out[f"{self.prefix}/{method}/deletion_auc"] = float(res.auc.nanmean())  # constant maps: NaN, left out
+            deletion = Deletion(steps=self.deletion_steps)
+            names = list(range(len(maps))) if keep is None else list(keep)  # probe image numbers, for the warning
+
+            def run(idx: list[int]) -> list[float]:
+                sel = torch.tensor(idx, dtype=torch.long, device=x.device)
+                targets = None if binary else classes.to(x.device)[sel]
+                return deletion(net, x[sel], maps.to(x.device)[sel], targets).auc.tolist()
+
+            bad: list[int] = []
+
+            def fail(k: int, err: NonFiniteError) -> list[float]:  # NaN on its masked copies: that image only
+                bad.append(names[k])
+                return []
+
+            aucs = each_alone_on_nonfinite(run, list(range(len(maps))), fail)
+            if bad:
+                tag = f"{self.prefix}/{method}/deletion_auc"
+                self._left_out(method, bad, f"the model's score on {'their' if len(bad) > 1 else 'its'} masked "
+                               "copies is", "deletion_auc",
+                               f"{tag} is the mean over the other probe images" if aucs else f"{tag} is not logged")
+            if aucs:  # constant maps: NaN, left out of the mean
+                out[f"{self.prefix}/{method}/deletion_auc"] = float(torch.tensor(aucs).nanmean())
         return out
 
     def remove_hooks(self) -> None:

@@ -118,6 +118,17 @@ def test_wrong_inputs_are_one_line_errors(data):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("steps, message", [(32 * 32 + 1, "deletion_steps=1025 exceeds the 1024 pixels"),
+                                            (0, "deletion_steps must be a positive integer, got 0"),
+                                            (2.5, "deletion_steps must be a positive integer, got 2.5")])
+def test_a_bad_deletion_steps_is_refused_when_the_logger_is_made(data, steps, message):
+    """Was accepted, then every method was left out of every logging step (one warning)."""
+    with pytest.raises(LumosError, match=message):
+        ExplanationLogger(data.images, data.labels, layer=LAYER, sinks=[MemorySink()], metrics=["deletion"],
+                          deletion_steps=steps)
+    ExplanationLogger(data.images, data.labels, layer=LAYER, sinks=[MemorySink()], deletion_steps=0)  # not used
+
+
 def test_one_constant_map_does_not_turn_the_mean_deletion_auc_into_nan(data):
     from lumos.evaluate import Deletion
 

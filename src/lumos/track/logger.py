@@ -137,6 +137,13 @@ class ExplanationLogger:
         self.display_size = display_size
         self.colormap = colormap
         self.alpha = alpha
+        if "deletion" in metrics:  # a bad value here would drop every method at every step, with one warning
+            if isinstance(deletion_steps, bool) or not isinstance(deletion_steps, int) or deletion_steps < 1:
+                raise LumosError(f"deletion_steps must be a positive integer, got {deletion_steps!r}.")
+            pixels = self.images.shape[-2] * self.images.shape[-1]
+            if deletion_steps > pixels:
+                raise LumosError(f"deletion_steps={deletion_steps} exceeds the {pixels} pixels of each probe image; "
+                                 f"use {pixels} or fewer.")
         self.deletion_steps = deletion_steps
         self._adapters: dict[int, KerasAdapter] = {}
         self._close_at_exit = False

@@ -56,6 +56,7 @@ def evaluate(
         plot_curves,
         plot_sanity,
         read_report,
+        tie_note,
         undefined_note,
         write_csv,
         write_json,
@@ -152,8 +153,8 @@ def evaluate(
         err_console.print(f"error: {reason}", highlight=False, markup=False)
     if not report.rows:
         raise LumosError("No method could be evaluated.")
-    blank = undefined_note(report)
-    out_console.print(format_table(report) + "\n" + STAR_NOTE + (f"\n{blank}" if blank else ""), highlight=False,
+    blank = "".join(f"\n{note}" for note in (undefined_note(report), tie_note(report)) if note)
+    out_console.print(format_table(report) + "\n" + STAR_NOTE + blank, highlight=False,
                       markup=False)
     out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
                       highlight=False, markup=False)

@@ -53,6 +53,11 @@ class EvaluationReport:
     sanity: dict[str, CascadingResult] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    #: ``tie_order[method][metric]`` = the mean AUC with tied pixels taken in raster order instead of the seeded
+    #: random order, for methods whose maps are mostly plateaus (:data:`PLATEAU_SHARE`); ``plateaus[method]`` =
+    #: how many of its defined maps are such plateaus
+    tie_order: dict[str, dict[str, float]] = field(default_factory=dict)
+    plateaus: dict[str, int] = field(default_factory=dict)
 
     @property
     def metrics(self) -> list[str]:
@@ -65,11 +70,19 @@ class EvaluationReport:
         """Per metric (by :data:`DIRECTIONS`, NaN ignored), the method that is *strictly* best and better than
         the ``random`` baseline (where random has that metric). Values are compared rounded to ``decimals``
         places, as the table shows them (None: exactly). A tie for first place, or a best that does not beat
-        random, gives no entry: every method at avg increase 0.000 has no best."""
+        random, gives no entry: every method at avg increase 0.000 has no best. Nor does a best that holds only
+        in the seeded random order of tied pixels (:meth:`tie_dependent`; :meth:`withheld` names those)."""
+        return self._best(decimals)[0]
+
+    def withheld(self, decimals: int | None = 3) -> dict[str, str]:
+        """Per metric, the method that would be best but for :meth:`tie_dependent` (no star in the table)."""
+        return self._best(decimals)[1]
+
+    def _best(self, decimals: int | None) -> tuple[dict[str, str], dict[str, str]]:
         def shown(v: float) -> float:
             return v if decimals is None else round(v, decimals)
 
-        out = {}
+        out, withheld = {}, {}
         baseline = self.rows.get(RANDOM, {})
         for metric in self.metrics:
             higher = DIRECTIONS.get(metric, True)
@@ -82,8 +95,24 @@ class EvaluationReport:
             base = baseline.get(metric, float("nan"))
             beats = base != base or (top > shown(base) if higher else top < shown(base))
             if len(winners) == 1 and beats:
-                out[metric] = winners[0]
-        return out
+                if self.tie_dependent(metric, winners[0], decimals):
+                    withheld[metric] = winners[0]
+                else:
+                    out[metric] = winners[0]
+        return out, withheld
+
+    def tie_dependent(self, metric: str, method: str, decimals: int | None = 3) -> bool:
+        """Whether ``method`` is strictly best on ``metric`` only because of how tied pixels are ordered: with
+        them in raster order (:attr:`tie_order`, for every method re-measured so; the others' AUCs barely depend
+        on it) it would not be strictly better than every other method."""
+        alt = self.tie_order.get(method, {}).get(metric)
+        if alt is None:
+            return False
+        higher = DIRECTIONS.get(metric, True)
+        shown = (lambda v: v) if decimals is None else (lambda v: round(v, decimals))
+        others = [shown(self.tie_order.get(m, {}).get(metric, r[metric])) for m, r in self.rows.items()
+                  if m != method and metric in r and r[metric] == r[metric]]
+        return any((v >= shown(alt)) if higher else (v <= shown(alt)) for v in others)
 
 
 def method_maps(model: nn.Module, images: torch.Tensor, method: str, classes: torch.Tensor,
@@ -102,6 +131,22 @@ def method_maps(model: nn.Module, images: torch.Tensor, method: str, classes: to
     if maps.shape[0] != images.shape[0]:
         raise LumosError(f"{method} returned {maps.shape[0]} maps for {images.shape[0]} images.")
     return maps.detach()
+
+
+#: a map is "a plateau" when its largest set of equal values covers more than this share of its pixels; a method
+#: gets its AUCs re-measured in raster tie order when at least :data:`PLATEAU_MAPS` of its defined maps are
+PLATEAU_SHARE = 0.5
+PLATEAU_MAPS = 0.1
+
+
+def _plateau_maps(curve: Any) -> int:
+    """How many defined maps of ``curve`` (a :class:`CurveResult`) are plateaus; 0 when fewer than
+    :data:`PLATEAU_MAPS` of them are."""
+    if curve.plateau is None:
+        return 0
+    defined = ~curve.auc.isnan()
+    count = int(((curve.plateau > PLATEAU_SHARE) & defined).sum())
+    return count if count and count >= PLATEAU_MAPS * int(defined.sum()) else 0
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -168,6 +213,14 @@ def evaluate_methods(
             d = deletion(model, x, maps, classes)
             i = insertion(model, x, maps, classes)
             per["deletion_auc"], per["insertion_auc"] = d.auc, i.auc
+            plateaus = _plateau_maps(d)
+            if plateaus:  # the AUCs may come from the tie rule more than from the map: measure the other order
+                report.plateaus[name] = plateaus
+                report.tie_order[name] = {
+                    "deletion_auc": _mean(Deletion(steps=steps, batch_size=batch_size, seed=None)(
+                        model, x, maps, classes).auc),
+                    "insertion_auc": _mean(Insertion(steps=steps, batch_size=batch_size, seed=None)(
+                        model, x, maps, classes).auc)}
             r = drop(model, x, maps, classes)
             per["avg_drop"] = r.drop  # NaN where the map is constant (undefined), as are the AUCs
             per["avg_increase"] = r.increase.float().masked_fill(~r.defined, float("nan"))

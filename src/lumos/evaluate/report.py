@@ -70,6 +70,21 @@ def undefined_note(report: EvaluationReport, unit: str = "images") -> str | None
     return (f"Constant (blank) maps, undefined and left out of the means: {', '.join(parts)} {unit}.")
 
 
+def tie_note(report: EvaluationReport) -> str | None:
+    """One line per deletion/insertion column whose best method gets no star because its lead holds only in the
+    seeded random order of tied pixels (:meth:`EvaluationReport.tie_dependent`); None when there is none."""
+    lines = []
+    for metric, method in report.withheld().items():
+        shown = report.rows[method][metric]
+        alt = report.tie_order[method][metric]
+        word = "highest" if DIRECTIONS.get(metric, True) else "lowest"
+        lines.append(f"{LABELS.get(metric, metric)}: no star for {display_name(method)}: its {shown:.3f} depends on "
+                     f"the order of tied pixels ({alt:.3f} in raster order, not the {word} there); "
+                     f"{report.plateaus[method]} of its maps are one value over more than half the image "
+                     f"(docs/evaluation.md).")
+    return "\n".join(lines) or None
+
+
 def format_table(report: EvaluationReport) -> str:
     """A plain-text table (a column's strict best, when it beats random, marked ``*``)."""
     head, rows = table_rows(report)
@@ -256,6 +271,9 @@ def to_dict(report: EvaluationReport) -> dict:
             for name, s in report.sanity.items()
         },
         "failures": report.failures,
+        "tie_order": report.tie_order,
+        "plateaus": report.plateaus,
+        "withheld": report.withheld(),
     })
 
 

@@ -97,3 +97,29 @@ def test_rise_and_occlusion_localise_on_the_synthetic_benchmark():
     r = report.rows["random"]["pointing_game"]
     assert report.rows["rise"]["pointing_game"] >= r + 0.5
     assert report.rows["occlusion"]["pointing_game"] >= r + 0.5
+
+
+def test_rise_map_of_a_score_below_zero_is_not_blanked():
+    """A segmentation region's score is a sum of logits; when every masked copy scores below 0 the RISE map is
+    negative everywhere, and a ReLU (the default before) drew nothing and called it the exact result."""
+    from lumos.synthetic.scenes import make_scenes
+    from lumos.synthetic.segmenter import load_tinysegmenter
+    from lumos.tasks import SegmentationTarget
+
+    net, x = load_tinysegmenter(), make_scenes(8, seed=123).images[1:2]
+    ex = lumos.explain(net, x, "rise", target=SegmentationTarget(2), n_masks=300)
+    assert ex.raw.max() < 0  # every pixel's expected masked score is below zero
+    expected = (ex.raw - ex.raw.min()) / (ex.raw.max() - ex.raw.min())  # min-max, the RegionMethod default
+    torch.testing.assert_close(ex.maps, expected, rtol=1e-5, atol=1e-6)
+    assert ex.params["relu"] is False
+
+
+def test_rise_with_probabilities_is_the_same_map_with_or_without_relu():
+    """With probabilities the map is non-negative (the benchmarks' and the photos' case): no change there."""
+    torch.manual_seed(0)
+    model = GapNet(classes=3).eval()
+    x = torch.rand(2, 3, 24, 24)
+    plain = lumos.explain(model, x, method="rise", target=1, n_masks=64, cell=4)
+    clamped = lumos.explain(model, x, method="rise", target=1, n_masks=64, cell=4, relu=True)
+    assert plain.raw.min() >= 0
+    torch.testing.assert_close(plain.maps, clamped.maps)

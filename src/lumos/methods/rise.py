@@ -47,13 +47,17 @@ class RISE(RegionMethod):
         baseline: value of the hidden pixels (default 0).
         batch_size: masked inputs per forward (default 32).
         seed: seed of the masks (reproducible calls).
+        relu: clamp the map at 0 before normalising (default False). RISE's map is the expected score with the
+            pixel kept, not signed evidence: its zero means nothing when the score can be negative (a segmentation
+            region's summed logits), where a ReLU blanked maps whose masked scores were all below 0. With
+            probabilities the map is non-negative up to estimator noise, and min-max scaling gives the same map.
     """
 
     name = "rise"
 
     def __init__(self, *args: Any, n_masks: int = 4000, cell: int = 7, p: float = 0.5, baseline: float = 0.0,
-                 batch_size: int = 32, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+                 batch_size: int = 32, seed: int = 0, relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, relu=relu, **kwargs)
         self.n_masks = positive_int("n_masks", n_masks)
         self.cell = positive_int("cell", cell)
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 < float(p) <= 1.0:

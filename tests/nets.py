@@ -97,3 +97,16 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+class OneConvNet(nn.Module):
+    """conv-ReLU ``features`` -> spatial mean -> linear: the smallest CAM-shaped net, for any input channels and
+    outputs (1 channel: grayscale probes; 1 output: a binary head)."""
+
+    def __init__(self, in_channels: int = 3, outputs: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))

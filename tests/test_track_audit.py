@@ -13,6 +13,7 @@ from torch import nn
 from lumos.errors import LumosError
 from lumos.synthetic import TinyCNN, make_dataset
 from lumos.track import ExplanationLogger, MemorySink
+from nets import OneConvNet
 
 LAYER = "features.block4"
 
@@ -143,20 +144,10 @@ def test_one_constant_map_does_not_turn_the_mean_deletion_auc_into_nan(data):
     assert got == pytest.approx(float(each[1]))
 
 
-class GrayNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean((2, 3)))
-
-
 def test_a_3d_grayscale_batch_is_read_as_images_or_refused_never_as_channels(data):
     """(B, H, W) probes used to be read as one image with B channels (with labels: 'Got 4 labels for 1 probe')."""
     torch.manual_seed(0)
-    net = GrayNet()
+    net = OneConvNet(in_channels=1)
     gray = data.images[:, 0]  # (4, 32, 32): four grayscale images without a channel axis
     got, want = MemorySink(), MemorySink()
     ExplanationLogger(gray, data.labels, layer="features", sinks=[got]).log(net, 0)

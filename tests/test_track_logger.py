@@ -12,6 +12,7 @@ from torch import nn
 from lumos.errors import LumosError
 from lumos.synthetic import TinyCNN, make_dataset
 from lumos.track import ExplanationLogger, MemorySink, TensorBoardSink
+from nets import OneConvNet
 
 SIZE = 32
 
@@ -142,19 +143,9 @@ def test_a_method_that_cannot_explain_yet_is_skipped_with_one_warning_not_an_exc
     assert logger.log(model, 2)[:2] == ["lumos/gradcam/00", "lumos/gradcam/01"]
 
 
-class Binary(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
-        self.fc = nn.Linear(8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).mean((2, 3)))
-
-
 def test_binary_head_explains_logit_and_its_negation(data):
     torch.manual_seed(0)
-    model = Binary().eval()
+    model = OneConvNet(outputs=1).eval()
     x = data.images[:4]
     labels = torch.tensor([1, 0, 1, 0])
     sink = MemorySink()

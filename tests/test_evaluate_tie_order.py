@@ -69,3 +69,20 @@ def test_maps_without_plateaus_are_not_re_measured(measured):
     _, _, report = measured
     assert "gradients" not in report.tie_order and "random" not in report.tie_order
     assert set(report.rows) == {"gradcam", "gradients", "random"}
+
+
+def test_the_task_benchmarks_re_measure_plateau_maps_too():
+    """The detector's Grad-CAM maps are one cell wide, so zero over most of each box's map: its raster-order
+    deletion AUC is recorded, and equals the box deletion with ``seed=None`` computed independently."""
+    from lumos.evaluate.detection_benchmark import box_deletion, box_maps, evaluate_boxes, match_boxes
+    from lumos.synthetic.detector import load_tinydetector
+    from lumos.synthetic.scenes import make_scenes
+
+    scenes = make_scenes(6, seed=123)
+    model = load_tinydetector()
+    found = match_boxes(model, scenes.images, scenes.labels, scenes.boxes, scenes.masks)
+    report = evaluate_boxes(model, scenes.images, found, scenes.masks, ["hirescam"], steps=8)
+    maps = box_maps(model, scenes.images, found, "hirescam")
+    raster = box_deletion(model, scenes.images, found, maps, steps=8, seed=None).auc
+    assert report.plateaus["hirescam"] > 0 and "random" not in report.tie_order
+    assert report.tie_order["hirescam"]["deletion_auc"] == pytest.approx(float(raster.nanmean()), abs=1e-6)

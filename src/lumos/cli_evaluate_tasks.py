@@ -31,6 +31,7 @@ def evaluate_task_benchmark(
         format_reading,
         format_table,
         read_report,
+        tie_note,
         undefined_note,
         write_csv,
         write_json,
@@ -82,8 +83,9 @@ def evaluate_task_benchmark(
     else:
         found = (f"{meta['regions']} class regions found of {meta['objects']} in {n} scenes "
                  f"(predicted pixels matching the class's ground truth at IoU >= {meta['match_iou']})")
-    blank = undefined_note(report, "boxes" if benchmark == "synthetic-detection" else "regions")
-    out_console.print(found + "\n" + format_table(report) + "\n" + STAR_NOTE + (f"\n{blank}" if blank else ""),
+    notes = (undefined_note(report, "boxes" if benchmark == "synthetic-detection" else "regions"), tie_note(report))
+    blank = "".join(f"\n{note}" for note in notes if note)
+    out_console.print(found + "\n" + format_table(report) + "\n" + STAR_NOTE + blank,
                       highlight=False, markup=False)
     out_console.print(format_times({m: progress.times[m] for m in [*names, RANDOM] if m in progress.times}),
                       highlight=False, markup=False)

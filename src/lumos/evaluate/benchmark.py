@@ -139,7 +139,7 @@ PLATEAU_SHARE = 0.5
 PLATEAU_MAPS = 0.1
 
 
-def _plateau_maps(curve: Any) -> int:
+def plateau_maps(curve: Any) -> int:
     """How many defined maps of ``curve`` (a :class:`CurveResult`) are plateaus; 0 when fewer than
     :data:`PLATEAU_MAPS` of them are."""
     if curve.plateau is None:
@@ -213,7 +213,7 @@ def evaluate_methods(
             d = deletion(model, x, maps, classes)
             i = insertion(model, x, maps, classes)
             per["deletion_auc"], per["insertion_auc"] = d.auc, i.auc
-            plateaus = _plateau_maps(d)
+            plateaus = plateau_maps(d)
             if plateaus:  # the AUCs may come from the tie rule more than from the map: measure the other order
                 report.plateaus[name] = plateaus
                 report.tie_order[name] = {

@@ -32,7 +32,7 @@ from torch import nn
 
 from lumos.errors import LumosError
 from lumos.evaluate._common import check_positive
-from lumos.evaluate.benchmark import RANDOM, EvaluationReport, mean_curve
+from lumos.evaluate.benchmark import RANDOM, EvaluationReport, mean_curve, plateau_maps
 from lumos.evaluate.faithfulness import CurveResult, Deletion
 from lumos.evaluate.localisation import PointingGame, RelevanceMass
 
@@ -169,14 +169,15 @@ def box_maps(model: nn.Module, images: torch.Tensor, found: FoundBoxes, method: 
 
 
 def box_deletion(model: nn.Module, images: torch.Tensor, found: FoundBoxes, maps: torch.Tensor, *,
-                 steps: int = 64, batch_size: int = 128) -> CurveResult:
+                 steps: int = 64, batch_size: int = 128, seed: int | None = 0) -> CurveResult:
     """Deletion curves of each box's score (a :class:`~lumos.evaluate.faithfulness.CurveResult`, one row per box):
-    its scene's pixels set to 0 in the order of its map; the box is followed by IoU matching."""
+    its scene's pixels set to 0 in the order of its map (tied pixels by ``seed``, None: raster order); the box is
+    followed by IoU matching."""
     from lumos.tasks import DetectionTarget
 
     target = DetectionTarget(found.boxes[:, None], found.labels[:, None])
     x = images[found.scene.to(images.device)]
-    return Deletion(steps=steps, batch_size=batch_size)(model, x, maps, target)
+    return Deletion(steps=steps, batch_size=batch_size, seed=seed)(model, x, maps, target)
 
 
 def _mean(t: torch.Tensor) -> float:
@@ -187,12 +188,14 @@ def _mean(t: torch.Tensor) -> float:
 def score_methods(
     names: Sequence[str], settings: Mapping[str, Mapping[str, Any]], *, what: str,
     probe: Callable[[str, Mapping[str, Any]], object], maps_of: Callable[[str, Mapping[str, Any]], torch.Tensor],
-    localise: Callable[[torch.Tensor], dict[str, torch.Tensor]], delete: Callable[[torch.Tensor], CurveResult],
+    localise: Callable[[torch.Tensor], dict[str, torch.Tensor]], delete: Callable[..., CurveResult],
     meta: dict[str, Any], on_method: Callable[[str], None] | None = None, skip_unsupported: bool = False,
 ) -> EvaluationReport:
     """The loop shared by the task benchmarks: ``probe`` each method on one item (one that fails is a one-line
     :class:`LumosError` "NAME cannot explain ``what``", or with ``skip_unsupported`` a ``report.failures``
-    entry), then per method its maps, ``localise(maps)`` and ``delete(maps)`` (a CurveResult) per item."""
+    entry), then per method its maps, ``localise(maps)`` and ``delete(maps)`` (a CurveResult) per item; a method
+    whose maps are mostly plateaus is also scored with ``delete(maps, seed=None)`` (ties in raster order:
+    :meth:`EvaluationReport.tie_dependent`)."""
     failures: dict[str, str] = {}
     for name in names:
         if name == RANDOM:
@@ -215,6 +218,10 @@ def score_methods(
         per = localise(maps.cpu())
         curve = delete(maps)
         per["deletion_auc"] = curve.auc.cpu()
+        plateaus = plateau_maps(curve)
+        if plateaus:
+            report.plateaus[name] = plateaus
+            report.tie_order[name] = {"deletion_auc": _mean(delete(maps, seed=None).auc.cpu())}
         report.rows[name] = {k: _mean(v) for k, v in per.items()}
         report.per_image[name] = {k: [float(t) for t in v.float()] for k, v in per.items()}
         report.curves[name] = {"fractions": curve.fractions.tolist(), "deletion": mean_curve(curve.curves)}
@@ -257,7 +264,8 @@ def evaluate_boxes(
         probe=lambda name, kw: explain(model, x0, name, target=first, layer=layer, **kw),
         maps_of=lambda name, kw: box_maps(model, images, found, name, layer=layer, seed=seed, **kw),
         localise=lambda maps: box_localisation(maps, found, scene_masks, tolerance),
-        delete=lambda maps: box_deletion(model, images, found, maps, steps=steps, batch_size=batch_size),
+        delete=lambda maps, seed=0: box_deletion(model, images, found, maps, steps=steps, batch_size=batch_size,
+                                                 seed=seed),
     )
 
 

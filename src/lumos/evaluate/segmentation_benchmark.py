@@ -129,10 +129,12 @@ def region_localisation(maps: torch.Tensor, found: FoundRegions, semantic: torch
 
 
 def region_deletion(model: nn.Module, images: torch.Tensor, found: FoundRegions, maps: torch.Tensor, *,
-                    steps: int = 64, batch_size: int = 128) -> CurveResult:
-    """Deletion curves (one row per region) of the class's mean probability over its predicted region."""
+                    steps: int = 64, batch_size: int = 128, seed: int | None = 0) -> CurveResult:
+    """Deletion curves (one row per region) of the class's mean probability over its predicted region (tied
+    pixels ordered by ``seed``; None: raster order)."""
     target = RegionProbability(found.category, found.regions)
-    return Deletion(steps=steps, batch_size=batch_size)(model, images[found.scene.to(images.device)], maps, target)
+    x = images[found.scene.to(images.device)]
+    return Deletion(steps=steps, batch_size=batch_size, seed=seed)(model, x, maps, target)
 
 
 def segmentation_benchmark(
@@ -182,5 +184,6 @@ def segmentation_benchmark(
         probe=lambda name, kw: explain(model, x0, name, target=first, layer=layer, **kw),
         maps_of=lambda name, kw: region_maps(model, images, found, name, layer=layer, **kw),
         localise=lambda maps: region_localisation(maps, found, scenes.semantic, tolerance),
-        delete=lambda maps: region_deletion(model, images, found, maps, steps=steps, batch_size=batch_size),
+        delete=lambda maps, seed=0: region_deletion(model, images, found, maps, steps=steps, batch_size=batch_size,
+                                                    seed=seed),
     )

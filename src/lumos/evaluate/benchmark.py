@@ -196,6 +196,8 @@ def evaluate_methods(
     names = list(dict.fromkeys(methods)) + ([RANDOM] if random_baseline and RANDOM not in methods else [])
     deletion = Deletion(steps=steps, batch_size=batch_size)
     insertion = Insertion(steps=steps, batch_size=batch_size)
+    raster = (Deletion(steps=steps, batch_size=batch_size, seed=None),
+              Insertion(steps=steps, batch_size=batch_size, seed=None))  # ties in raster order: plateau maps only
     drop = AverageDropIncrease(batch_size=batch_size)
     report = EvaluationReport(meta={"steps": steps, "tolerance": tolerance, "images": int(x.shape[0]),
                                     "layer": str(layer), "seed": seed})
@@ -216,11 +218,8 @@ def evaluate_methods(
             plateaus = plateau_maps(d)
             if plateaus:  # the AUCs may come from the tie rule more than from the map: measure the other order
                 report.plateaus[name] = plateaus
-                report.tie_order[name] = {
-                    "deletion_auc": _mean(Deletion(steps=steps, batch_size=batch_size, seed=None)(
-                        model, x, maps, classes).auc),
-                    "insertion_auc": _mean(Insertion(steps=steps, batch_size=batch_size, seed=None)(
-                        model, x, maps, classes).auc)}
+                report.tie_order[name] = {f"{curve.kind}_auc": _mean(curve(model, x, maps, classes).auc)
+                                          for curve in raster}
             r = drop(model, x, maps, classes)
             per["avg_drop"] = r.drop  # NaN where the map is constant (undefined), as are the AUCs
             per["avg_increase"] = r.increase.float().masked_fill(~r.defined, float("nan"))

@@ -32,7 +32,7 @@ from torch import nn
 
 from lumos.errors import LumosError
 from lumos.evaluate._common import check_positive
-from lumos.evaluate.benchmark import RANDOM, EvaluationReport, mean_curve, plateau_maps
+from lumos.evaluate.benchmark import RANDOM, EvaluationReport, _mean, mean_curve, plateau_maps
 from lumos.evaluate.faithfulness import CurveResult, Deletion
 from lumos.evaluate.localisation import PointingGame, RelevanceMass
 
@@ -178,11 +178,6 @@ def box_deletion(model: nn.Module, images: torch.Tensor, found: FoundBoxes, maps
     target = DetectionTarget(found.boxes[:, None], found.labels[:, None])
     x = images[found.scene.to(images.device)]
     return Deletion(steps=steps, batch_size=batch_size, seed=seed)(model, x, maps, target)
-
-
-def _mean(t: torch.Tensor) -> float:
-    ok = ~t.isnan()
-    return float(t[ok].mean()) if ok.any() else float("nan")
 
 
 def score_methods(

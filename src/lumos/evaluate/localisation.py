@@ -106,25 +106,6 @@ class PointingGame(_Localisation):
         return (hits > 0).float()
 
 
-class EnergyPointingGame(_Localisation):
-    """Energy-based pointing game (Wang et al. 2020, Score-CAM): the share of the map's positive energy
-    inside the object's bounding box (``use_box=True``, default, as in the paper) or its mask. NaN for a map with no
-    positive value or a constant one (whose share is just the box's area share)."""
-
-    def __init__(self, use_box: bool = True) -> None:
-        self.use_box = use_box
-
-    def score(self, maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        region = boxes_to_masks(masks_to_boxes(masks), tuple(masks.shape[-2:])) if self.use_box else masks
-        pos = maps.clamp_min(0).flatten(1)
-        total = pos.sum(1)
-        inside = (pos * region.flatten(1)).sum(1)
-        return inside / total.clamp_min(torch.finfo(total.dtype).tiny)
-
-    def defined(self, maps: torch.Tensor) -> torch.Tensor:
-        return ~constant_maps(maps) & (maps.flatten(1) > 0).any(1)
-
-
 class RelevanceMass(_Localisation):
     """Relevance mass accuracy (Arras et al. 2022): positive relevance inside the object mask divided by
     the total positive relevance. With boxes as ground truth it equals the energy pointing game. NaN for a map with
@@ -138,3 +119,17 @@ class RelevanceMass(_Localisation):
 
     def defined(self, maps: torch.Tensor) -> torch.Tensor:
         return ~constant_maps(maps) & (maps.flatten(1) > 0).any(1)
+
+
+class EnergyPointingGame(RelevanceMass):
+    """Energy-based pointing game (Wang et al. 2020, Score-CAM): the share of the map's positive energy
+    inside the object's bounding box (``use_box=True``, default, as in the paper) or its mask (then it is
+    :class:`RelevanceMass`). NaN for a map with no positive value or a constant one (whose share is just the box's
+    area share)."""
+
+    def __init__(self, use_box: bool = True) -> None:
+        self.use_box = use_box
+
+    def score(self, maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        region = boxes_to_masks(masks_to_boxes(masks), tuple(masks.shape[-2:])) if self.use_box else masks
+        return super().score(maps, region)

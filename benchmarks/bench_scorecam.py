@@ -28,7 +28,7 @@ from lumos.engine import Forward, score_inputs
 from lumos.explanation import normalize_maps, upsample
 from lumos.io import sample_images
 from lumos.methods.base import ActivationMethod
-from lumos.methods.scorecam import MaskScorer
+from lumos.methods.scorecam import MaskScorer, estimate_map
 from lumos.targets import resolve_targets
 from lumos.zoo import load_model
 
@@ -83,12 +83,17 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time all-channel Score-CAM per batch_size")
     parser.add_argument("--skip-before", action="store_true", help="skip the old all-channel run (~40 s a photo)")
     parser.add_argument("--tolerances", default="0.05,0.1", help="looser tolerances to compare (comma-separated)")
+    parser.add_argument("--bound", action="store_true",
+                        help="only the fewest masks any channel subset needs for 0.98 (no timing of methods)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # the table's est.err column says when the cap stopped a map: its log line on every timed call is noise here
     logging.getLogger("lumos.methods.scorecam").setLevel(logging.ERROR)
     model, preprocess, _ = load_model("efficientnet_lite0")
     photos = sample_images()
+    if args.bound:
+        subset_bound(model, {name: preprocess([photo]) for name, photo in photos.items()})
+        return
     default, old = lumos.ScoreCAM(model), OldScoreCAM(model)
     rows, inputs, fulls = [], {}, {}
     for name, photo in photos.items():
@@ -149,8 +154,8 @@ def plain_forward(model: torch.nn.Module, x: torch.Tensor):  # noqa: ANN201
     return plain
 
 
-def masked_input_cost(model: torch.nn.Module, x: torch.Tensor, batch_size: int, n: int = 64) -> None:
-    """Print one masked input's time (batches of ``batch_size``) / a plain forward of ``x``."""
+def masked_input_cost(model: torch.nn.Module, x: torch.Tensor, batch_size: int, n: int = 64) -> float:
+    """Print and return one masked input's time (batches of ``batch_size``) / a plain forward of ``x``."""
     acts = torch.rand(n, 7, 7, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         target = resolve_targets(None, model(x)).target  # the predicted class
@@ -163,6 +168,7 @@ def masked_input_cost(model: torch.nn.Module, x: torch.Tensor, batch_size: int, 
     per = r / (n + 1)  # the baseline is scored with the masks
     print(f"\none masked input (batches of {batch_size}) = {per:.2f} of a plain forward, so 10x a forward buys at "
           f"most {int((10 - 1) / per)} masks an image after the forward that finds the layer")
+    return per
 
 
 def tolerance_tradeoff(model: torch.nn.Module, inputs: dict, fulls: dict, tolerances: list[float],
@@ -179,6 +185,64 @@ def tolerance_tradeoff(model: torch.nn.Module, inputs: dict, fulls: dict, tolera
         detail = "  ".join(f"{n} {m}/{c:.3f}" for n, m, _, c in per)
         print(f"{tol:>9} {statistics.mean(p[1] for p in per):>11.1f} {statistics.mean(p[2] for p in per):>10.1f}x "
               f"{min(p[3] for p in per):>12.3f}  {detail}")
+
+
+def mask_key(channel: torch.Tensor) -> bytes:
+    """A channel's [0, 1]-scaled map as bytes, computed as estimate_map scales it (channels sharing a mask
+    share a key)."""
+    flat = channel.flatten().float()
+    return ((flat - flat.min()) / (flat.max() - flat.min())).numpy().tobytes()
+
+
+def subset_bound(model: torch.nn.Module, inputs: dict, goal: float = 0.98, layer: str = "_act1") -> None:
+    """Print, per photo, the fewest masks whose map correlates >= ``goal`` with all-channel Score-CAM, for
+    the shipped farthest-point order (with a perfect stopping rule) and for an oracle that scores the channels
+    in order of their true contribution |w_c| * ||A_c|| (the rest weigh 0), and what those counts cost.
+
+    Every distinct mask is scored once per photo (all-channel Score-CAM); the subsets are then read from
+    that table without further forwards. No method that scores a subset of channels in either order, and
+    fills in the others as these do, can stop earlier than its column says."""
+    acts: dict[str, torch.Tensor] = {}
+    hook = dict(model.named_modules())[layer].register_forward_hook(lambda m, i, o: acts.update(a=o.detach()))
+    x0 = next(iter(inputs.values()))
+    per = masked_input_cost(model, x0, 4)
+    counts = list(range(4, 129, 4))
+    print(f"\nfewest masks for correlation >= {goal} with all-channel Score-CAM (searched in steps of 4 up to 128)")
+    print(f"{'photo':<10} {'distinct':>8} {'shipped order':>13} {'oracle order':>12}")
+    rows = []
+    for name, x in inputs.items():
+        with torch.no_grad():
+            logits = model(x)
+        a = acts["a"][0]
+        score = MaskScorer(model, x, resolve_targets(None, logits).target, 0.0, 4, None)
+        table: dict[bytes, torch.Tensor] = {}
+
+        def recorded(rows_: torch.Tensor, score=score, table=table) -> torch.Tensor:
+            if not table:  # the first call scores every distinct mask (cap=None); later calls look them up
+                weights = score(rows_)
+                table.update({mask_key(r): w for r, w in zip(rows_, weights, strict=True)})
+                return weights
+            return torch.stack([table[mask_key(r)] for r in rows_]) if len(rows_) else torch.zeros(0, 1)
+
+        full, distinct, _ = estimate_map(a, recorded, None, 0.0)
+        shipped = next((n for n in counts if corr(estimate_map(a, recorded, n, 0.0)[0].clamp_min(0),
+                                                   full.clamp_min(0)) >= goal), None)
+        w = torch.stack([table.get(mask_key(c), torch.zeros(1)) for c in a])[:, 0]  # constant channels weigh 0
+        order = (w.abs() * a.flatten(1).norm(dim=1)).argsort(descending=True)
+
+        def oracle(n: int, w=w, order=order, a=a) -> torch.Tensor:
+            keep = torch.zeros_like(w)
+            keep[order[:n]] = w[order[:n]]
+            return torch.einsum("c,chw->hw", keep, a.float()).clamp_min(0)
+
+        best = next((n for n in counts if corr(oracle(n), full.clamp_min(0)) >= goal), None)
+        rows.append((name, distinct, shipped, best))
+        print(f"{name:<10} {distinct:>8} {shipped or '>128':>13} {best or '>128':>12}")
+    hook.remove()
+    for col, label in ((2, "shipped order"), (3, "oracle order")):
+        n = statistics.mean(r[col] or 129 for r in rows)
+        print(f"{label}: {n:.1f} masks on average = {n * per:.1f}x a plain forward for the masks alone "
+              f"(one masked input = {per:.2f} of a forward)")
 
 
 if __name__ == "__main__":

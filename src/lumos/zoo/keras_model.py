@@ -31,7 +31,7 @@ from torch import nn
 
 from lumos.errors import LumosError, ModelLoadError
 
-__all__ = ["KerasModule", "import_keras", "load_keras"]
+__all__ = ["KerasModule", "import_keras", "load_keras", "takes_channels_last"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,25 @@ def _rank(layer: Any, which: str = "output") -> int | None:
         return None
 
 
+def takes_channels_last(model: Any) -> bool:
+    """Whether a Keras model takes channels-last images: the ``data_format`` of its first layer that has one
+    (``Conv2D``, pooling, ``Flatten``, ...; nested models searched in order), else the input shape's guess
+    (channels-first when axis 1 holds 1 or 3 and the last axis does not)."""
+    def first_format(m: Any) -> str | None:
+        for layer in getattr(m, "layers", None) or []:
+            fmt = first_format(layer) if hasattr(layer, "layers") else getattr(layer, "data_format", None)
+            if fmt in ("channels_first", "channels_last"):
+                return fmt
+        return None
+
+    fmt = first_format(model)
+    if fmt is not None:
+        return fmt == "channels_last"
+    inputs = getattr(model, "inputs", None) or []
+    shape = tuple(inputs[0].shape) if len(inputs) == 1 else ()
+    return not (len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3))
+
+
 def _module_name(name: str) -> str:
     return name.replace(".", "_") or "layer"
 
@@ -145,7 +164,7 @@ class KerasModule(nn.Module):
                 f"lumos explains Keras models with one image input (B x H x W x C); this one has inputs {shapes}."
             )
         shape = tuple(inputs[0].shape)
-        self.channels_last = not (shape[1] in (1, 3) and shape[3] not in (1, 3))
+        self.channels_last = takes_channels_last(keras_model)
         h, w = (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
         self.input_size: tuple[int, int] | None = (int(h), int(w)) if h and w else None
         self.pixel_range = _pixel_range(keras_model, keras)

@@ -6,6 +6,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before keras is imported anywhere in this process
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -14,6 +15,7 @@ if keras.backend.backend() != "torch":
     pytest.skip("keras was imported earlier with another backend", allow_module_level=True)
 
 import lumos  # noqa: E402
+from lumos.errors import LumosError  # noqa: E402
 from lumos.zoo.keras_model import KerasModule  # noqa: E402
 
 L = keras.layers
@@ -59,3 +61,70 @@ def test_channels_first_layers_are_read_from_the_layers_not_guessed_from_the_sha
     ours = lumos_gradcam(net, x, "conv", [0, 2])
     assert ref.shape == (2, 16, 16) and ref.abs().max() > 1e-6
     torch.testing.assert_close(ours, ref)
+
+
+# ----------------------------------------------------------------------- the training-time tracker
+
+
+def _fit_and_adapt(model, x, y, layer):
+    """model.fit with a LumosKerasCallback (it must not raise), then the logger's own view of the model."""
+    from lumos.track import ExplanationLogger, MemorySink
+    from lumos.track.keras import LumosKerasCallback
+
+    sink = MemorySink()
+    logger = ExplanationLogger(x[:2], y[:2], layer=layer, target="true", sinks=[sink])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, batch_size=4, verbose=0, callbacks=[LumosKerasCallback(logger, close=False)])
+    assert sorted(sink.images) == ["lumos/gradcam/00", "lumos/gradcam/01"]
+    logger.close()  # removes the hooks of the fit; the adapter below hooks the layers afresh
+    net, name, _ = logger._adapt(model)
+    return net, name
+
+
+def test_the_tracker_feeds_a_channels_first_model_channels_first():
+    """The Keras adapter always permuted to channels-last: model.fit stopped with a raw Keras shape error."""
+    model = channels_first_model(3)
+    x = np.random.default_rng(0).random((8, 3, 16, 16), dtype=np.float32)
+    y = np.arange(8) % 3
+    net, name = _fit_and_adapt(model, x, y, "conv")
+    xt = torch.as_tensor(x[:2])
+    ref = hand_gradcam(model, model.get_layer("conv"), xt, [0, 1], channel_axis=1)
+    torch.testing.assert_close(lumos_gradcam(net, xt, name, [0, 1]), ref)
+    assert ref.abs().max() > 1e-6
+
+
+def nested_model() -> tuple[keras.Model, keras.Model]:
+    """A backbone named like keras.applications names theirs (a dot in it) used as a layer of another model."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((16, 16, 3))
+    feats = L.ReLU(name="out_relu")(L.BatchNormalization(name="bn")(L.Conv2D(6, 3, padding="same", name="conv")(image)))
+    backbone = keras.Model(image, feats, name="backbone_1.00_16")  # functional, like keras.applications
+    inp = keras.Input((16, 16, 3))
+    x = backbone(inp)
+    out = L.Dense(3, name="fc")(L.Dropout(0.5)(L.GlobalAveragePooling2D()(x)))
+    return keras.Model(inp, out), backbone
+
+
+@pytest.mark.parametrize("layer", ["auto", "backbone_1.00_16.out_relu", "backbone_1_00_16.out_relu"])
+def test_the_tracker_explains_a_nested_model_with_a_dotted_name(layer):
+    """A nested keras.applications model ('mobilenetv2_1.00_224') stopped model.fit with torch's raw KeyError
+    ('module name can't contain "."') at layer='auto'; its inner layers could not be named at all."""
+    model, backbone = nested_model()
+    x = np.random.default_rng(1).random((8, 16, 16, 3), dtype=np.float32)
+    y = np.arange(8) % 3
+    net, name = _fit_and_adapt(model, x, y, layer)
+    xt = torch.as_tensor(x[:2])
+    keras_layer = backbone if layer == "auto" else backbone.get_layer("out_relu")
+    ref = hand_gradcam(model, keras_layer, xt, [0, 1])
+    torch.testing.assert_close(lumos_gradcam(net, xt.permute(0, 3, 1, 2), name, [0, 1]), ref)
+    assert ref.abs().max() > 1e-6
+
+
+def test_the_tracker_names_a_missing_nested_layer_in_one_line():
+    model, _ = nested_model()
+    from lumos.track import ExplanationLogger, MemorySink
+
+    logger = ExplanationLogger(np.zeros((1, 16, 16, 3), np.float32), [0], layer="out_relu", sinks=[MemorySink()])
+    with pytest.raises(LumosError, match=r"no layer 'out_relu' \(a nested model's layer is 'outer.inner'\)") as info:
+        logger.log(model, 0)
+    assert "\n" not in str(info.value)

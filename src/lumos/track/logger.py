@@ -167,9 +167,9 @@ class ExplanationLogger:
         names = [keras_auto_layer(model) if spec == "auto" else str(spec) for spec in (self.layer, self.feature_layer)]
         adapter = self._adapters.get(id(model))
         if adapter is None or adapter.keras_model is not model:
-            adapter = KerasAdapter(model, sorted(set(names)), channels_last=True)
+            adapter = KerasAdapter(model, sorted(set(names)))
             self._adapters[id(model)] = adapter
-        return adapter, f"taps.{names[0]}", f"taps.{names[1]}"
+        return adapter, adapter.tap_name(names[0]), adapter.tap_name(names[1])
 
     def _name(self, c: int, binary: bool) -> str:
         if self.class_names is not None and 0 <= c < len(self.class_names):

@@ -124,28 +124,33 @@ class _Tap(nn.Module):
 class KerasAdapter(nn.Module):
     """A Keras 3 model on the torch backend seen as a channels-first ``nn.Module`` lumos can explain.
 
-    Inputs are (B, C, H, W) and permuted to the model's channels-last layout. Each requested Keras layer
-    (found with ``model.get_layer``) gets a forward hook that routes its output through ``taps.<name>``;
-    4-D outputs are presented channels-first (B, C, H, W), so every lumos method works unchanged. The
-    Keras model is called with ``training=False`` and is not registered as a submodule, so guarding the
-    adapter never touches Keras' own state.
+    Inputs are (B, C, H, W), permuted to (B, H, W, C) for a channels-last model (the layout is the layers'
+    ``data_format``, see :func:`lumos.zoo.keras_model.takes_channels_last`). Each requested Keras layer (a
+    ``model.summary()`` name; a layer of a nested model as ``outer.inner``) gets a forward hook that routes its
+    output through a tap, ``taps.<name>`` with dots as underscores (:meth:`tap_name`); 4-D outputs are presented
+    channels-first (B, C, H, W), so every lumos method works unchanged. The Keras model is called with
+    ``training=False`` and is not registered as a submodule, so guarding the adapter never touches Keras' own
+    state.
     """
 
-    def __init__(self, model: Any, layers: Sequence[str], channels_last: bool = True) -> None:
+    def __init__(self, model: Any, layers: Sequence[str], channels_last: bool | None = None) -> None:
         super().__init__()
+        from lumos.zoo.keras_model import takes_channels_last
+
         object.__setattr__(self, "keras_model", model)
-        self.channels_last = channels_last
+        self.channels_last = takes_channels_last(model) if channels_last is None else channels_last
         self.taps = nn.ModuleDict()
         self._handles: list[Any] = []
         for name in layers:
-            try:
-                layer = model.get_layer(name)
-            except ValueError as err:
-                known = ", ".join(lay.name for lay in model.layers)
-                raise LumosError(f"The Keras model has no layer '{name}'. Layers: {known}.") from err
+            layer = keras_layer(model, name)
             tap = _Tap()
-            self.taps[name] = tap
+            self.taps[_tap_key(name)] = tap
             self._handles.append(layer.register_forward_hook(self._hook(tap)))
+
+    @staticmethod
+    def tap_name(name: str) -> str:
+        """The module name lumos records for the Keras layer ``name``."""
+        return f"taps.{_tap_key(name)}"
 
     def _hook(self, tap: _Tap):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
@@ -167,6 +172,27 @@ class KerasAdapter(nn.Module):
         if self.channels_last and x.ndim == 4:
             x = x.permute(0, 2, 3, 1)
         return self.keras_model(x, training=False)
+
+
+def _tap_key(name: str) -> str:
+    return name.replace(".", "_") or "layer"
+
+
+def keras_layer(model: Any, name: str) -> Any:
+    """The Keras layer called ``name`` in ``model``; a nested model's layer as ``outer.inner`` (a name with dots,
+    such as ``mobilenetv2_1.00_224``, may be written as Keras or as ``lumos layers`` shows it, dots as ``_``)."""
+    for layer in getattr(model, "layers", None) or []:
+        for own in {layer.name, _tap_key(layer.name)}:
+            if name == own:
+                return layer
+            if name.startswith(own + ".") and hasattr(layer, "layers"):
+                try:
+                    return keras_layer(layer, name[len(own) + 1:])
+                except LumosError:
+                    pass
+    known = ", ".join(lay.name for lay in getattr(model, "layers", None) or [])
+    raise LumosError(f"The Keras model has no layer '{name}' (a nested model's layer is 'outer.inner'). "
+                     f"Layers: {known}.")
 
 
 def keras_auto_layer(model: Any) -> str:

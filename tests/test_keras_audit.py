@@ -128,3 +128,25 @@ def test_the_tracker_names_a_missing_nested_layer_in_one_line():
     with pytest.raises(LumosError, match=r"no layer 'out_relu' \(a nested model's layer is 'outer.inner'\)") as info:
         logger.log(model, 0)
     assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------- the input range
+
+
+@pytest.mark.parametrize("before", ["augmentation", "resizing"])
+def test_rescaling_after_augmentation_or_a_resizing_still_means_0_255(tmp_path, before):
+    """Keras' own image-classification tutorial puts a RandomFlip/RandomRotation block before Rescaling(1/255) (others
+    a Resizing): lumos looked at the first layer only, fed 0-1 pixels and the model saw a nearly black image."""
+    keras.utils.set_random_seed(0)
+    if before == "augmentation":
+        inp = keras.Input((16, 16, 3))
+        x = keras.Sequential([L.RandomFlip("horizontal"), L.RandomRotation(0.1)], name="augment")(inp)
+    else:
+        inp = keras.Input((32, 32, 3))
+        x = L.Resizing(16, 16)(inp)
+    x = L.Rescaling(1 / 255)(x)
+    out = L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3, name="conv")(x)))
+    keras.Model(inp, out).save(tmp_path / "m.keras")
+    bundle = lumos.load_model(tmp_path / "m.keras")
+    assert bundle.model.pixel_range == 255.0
+    assert bundle.preprocess.std == pytest.approx((1 / 255,) * 3)

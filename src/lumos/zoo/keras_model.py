@@ -229,13 +229,29 @@ class KerasModule(nn.Module):
         return f"keras_model={self.keras_model.name!r}, pixel_range=0-{self.pixel_range:g}"
 
 
+# Layers that move, crop, pad or resize pixels without changing their range, and random augmentation (``RandomFlip``,
+# ``RandomRotation``, ...: off at inference): passed on the way to a model's first Rescaling.
+_RANGE_KEEPING = ("InputLayer", "Reshape", "Permute", "Resizing", "CenterCrop", "Cropping2D", "ZeroPadding2D")
+
+
+def _first_value_layer(model: Any, keras: Any) -> Any:
+    """The model's first layer that changes pixel values (nested models entered), or None."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found = _first_value_layer(layer, keras)
+            if found is not None:
+                return found
+        elif not (type(layer).__name__ in _RANGE_KEEPING or type(layer).__name__.startswith("Random")):
+            return layer
+    return None
+
+
 def _pixel_range(model: Any, keras: Any) -> float:
-    """255 if the model starts with a Rescaling layer that divides by 100 or more, else 1."""
-    layers = [lay for lay in model.layers if not isinstance(lay, keras.layers.InputLayer)]
-    while layers and isinstance(layers[0], keras.Model):  # a nested model first: look at its first layer
-        layers = [lay for lay in layers[0].layers if not isinstance(lay, keras.layers.InputLayer)]
-    if layers and isinstance(layers[0], keras.layers.Rescaling):
-        scale = layers[0].scale
+    """255 if the model starts with a Rescaling layer that divides by 100 or more, else 1 (layers that keep the
+    range, such as Reshape, and random augmentation may come before it)."""
+    first = _first_value_layer(model, keras)
+    if isinstance(first, keras.layers.Rescaling):
+        scale = first.scale
         scales = [float(s) for s in (scale if isinstance(scale, list | tuple) else [scale])]
         if scales and max(abs(s) for s in scales) <= 0.01:
             return 255.0

@@ -150,3 +150,56 @@ def test_rescaling_after_augmentation_or_a_resizing_still_means_0_255(tmp_path, 
     bundle = lumos.load_model(tmp_path / "m.keras")
     assert bundle.model.pixel_range == 255.0
     assert bundle.preprocess.std == pytest.approx((1 / 255,) * 3)
+
+
+# ----------------------------------------------------------------------- grayscale (MNIST-style) models
+
+
+def mnist_model(input_shape: tuple[int, ...]) -> keras.Model:
+    """The usual MNIST model: Input((28, 28)) with a Reshape, or Input((28, 28, 1))."""
+    keras.utils.set_random_seed(0)
+    first = [L.Input(input_shape)]
+    if len(input_shape) == 2:
+        first.append(L.Reshape((*input_shape, 1)))
+    return keras.Sequential([*first, L.Rescaling(1 / 255), L.Conv2D(4, 3, activation="relu", name="conv"),
+                             L.MaxPooling2D(name="pool"), L.Flatten(), L.Dense(10, activation="softmax")])
+
+
+@pytest.mark.parametrize("shape", [(12, 12), (12, 12, 1)])
+def test_a_grayscale_model_is_explained_on_its_own_input_and_on_rgb(shape):
+    """Input((28, 28)) models were refused outright; RGB input (what lumos.load_model's preprocessing and the CLI
+    give) stopped a one-channel model with a raw multi-line Keras shape error."""
+    model = mnist_model(shape)
+    net = KerasModule(model)
+    assert net.input_size == (12, 12) and net.channels == 1 and net.pixel_range == 255.0
+    gray = torch.rand(2, 1, 12, 12) * 255
+    x_keras = gray[:, 0] if len(shape) == 2 else gray.permute(0, 2, 3, 1)
+    ref = hand_gradcam(model, model.get_layer("conv"), x_keras, [3, 7])
+    assert ref.abs().max() > 1e-9
+    torch.testing.assert_close(lumos_gradcam(net, gray, "conv", [3, 7]), ref)
+    rgb = gray.expand(-1, 3, -1, -1)  # a gray picture as RGB: the model sees the same pixels
+    torch.testing.assert_close(lumos_gradcam(net, rgb, "conv", [3, 7]), ref)
+    assert lumos.explain(net, rgb, method="integrated_gradients", steps=4).maps.shape == (2, 12, 12)
+
+
+def test_a_saved_grayscale_model_runs_from_the_cli(tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lumos.cli import app
+
+    mnist_model((12, 12)).save(tmp_path / "mnist.keras")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "d.png")
+    run = CliRunner().invoke(app, ["explain", str(tmp_path / "d.png"), "--model", str(tmp_path / "mnist.keras"),
+                                   "--out", str(tmp_path / "out")])
+    assert run.exit_code == 0, run.output
+    assert [p.name for p in (tmp_path / "out").rglob("*.png")] == ["d_gradcam.png"]
+
+
+def test_other_channel_counts_and_unbuilt_models_are_one_line_errors():
+    net = KerasModule(channels_first_model(4))
+    with pytest.raises(LumosError, match=r"takes 4-channel images; got 3 channels") as info:
+        net(torch.rand(1, 3, 16, 16))
+    assert "\n" not in str(info.value)
+    with pytest.raises(LumosError, match=r"is not built.*keras.Input"):
+        KerasModule(keras.Sequential([L.Conv2D(2, 3), L.Flatten(), L.Dense(2)]))

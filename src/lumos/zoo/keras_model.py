@@ -158,15 +158,28 @@ class KerasModule(nn.Module):
         if not isinstance(keras_model, keras.Model):
             raise LumosError(f"Expected a Keras model, got {type(keras_model).__name__}.")
         inputs = getattr(keras_model, "inputs", None) or []
-        if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        if not inputs and not getattr(keras_model, "built", True):
+            raise LumosError(
+                f"The Keras model '{keras_model.name}' is not built, so its input is unknown: start it with "
+                "keras.Input((H, W, C)) or call it once on a batch of images."
+            )
+        if len(inputs) != 1 or len(inputs[0].shape) not in (3, 4):
             shapes = ", ".join(str(tuple(i.shape)) for i in inputs) or "none"
             raise LumosError(
-                f"lumos explains Keras models with one image input (B x H x W x C); this one has inputs {shapes}."
+                f"lumos explains Keras models with one image input (B x H x W x C, or B x H x W grayscale); this "
+                f"one has inputs {shapes}."
             )
         shape = tuple(inputs[0].shape)
-        self.channels_last = takes_channels_last(keras_model)
+        self.gray_hw = len(shape) == 3  # Input((H, W)): grayscale images without a channel axis
+        if self.gray_hw:
+            self.channels_last = True
+            shape = (*shape, 1)
+        else:
+            self.channels_last = takes_channels_last(keras_model)
         h, w = (shape[1], shape[2]) if self.channels_last else (shape[2], shape[3])
+        channels = shape[3] if self.channels_last else shape[1]
         self.input_size: tuple[int, int] | None = (int(h), int(w)) if h and w else None
+        self.channels: int | None = int(channels) if channels else None
         self.pixel_range = _pixel_range(keras_model, keras)
         object.__setattr__(self, "keras_model", keras_model)  # not a submodule: guards never touch Keras state
         self._handles: list[Any] = []
@@ -205,7 +218,22 @@ class KerasModule(nn.Module):
         return hook
 
     def forward(self, x: torch.Tensor) -> Any:
-        """Scores of B x C x H x W images: the Keras model on the channels-last copy, ``training=False``."""
+        """Scores of B x C x H x W images: the Keras model on the channels-last copy, ``training=False``.
+
+        A grayscale model (one channel, or an ``Input((H, W))``) given B x 3 x H x W gets its luma
+        (0.299 R + 0.587 G + 0.114 B, PIL's ``convert("L")``); other channel counts than the model's are refused.
+        """
+        if x.ndim == 4 and self.channels is not None and x.shape[1] != self.channels:
+            if self.channels == 1 and x.shape[1] == 3:
+                luma = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+                x = (x * luma.view(1, 3, 1, 1)).sum(1, keepdim=True)
+            else:
+                raise LumosError(
+                    f"The Keras model '{self.keras_model.name}' takes {self.channels}-channel images; got "
+                    f"{x.shape[1]} channels (input of shape {tuple(x.shape)}, B x C x H x W)."
+                )
+        if self.gray_hw and x.ndim == 4:
+            return self.keras_model(x[:, 0], training=False)
         if self.channels_last and x.ndim == 4:
             x = x.permute(0, 2, 3, 1)
         return self.keras_model(x, training=False)

@@ -203,3 +203,17 @@ def test_other_channel_counts_and_unbuilt_models_are_one_line_errors():
     assert "\n" not in str(info.value)
     with pytest.raises(LumosError, match=r"is not built.*keras.Input"):
         KerasModule(keras.Sequential([L.Conv2D(2, 3), L.Flatten(), L.Dense(2)]))
+
+
+@pytest.mark.parametrize(("adapt_scale", "expected"), [(255.0, 255.0), (1.0, 1.0)])
+def test_a_normalization_adapted_to_0_255_pixels_gets_0_255(tmp_path, adapt_scale, expected):
+    """Normalization().adapt(uint8 images) expects 0-255; lumos fed 0-1, so every image became about -2.2 std:
+    a silently wrong prediction and map. Adapted to 0-1 images it stays 0-1."""
+    keras.utils.set_random_seed(0)
+    norm = L.Normalization()
+    norm.adapt(np.random.default_rng(0).random((20, 16, 16, 3), dtype=np.float32) * adapt_scale)
+    model = keras.Sequential([L.Input((16, 16, 3)), norm, L.Conv2D(4, 3, name="conv"), L.Flatten(), L.Dense(2)])
+    model.save(tmp_path / "m.keras")
+    bundle = lumos.load_model(tmp_path / "m.keras")
+    assert bundle.model.pixel_range == expected
+    assert bundle.preprocess.std == pytest.approx((1 / expected,) * 3)

@@ -11,7 +11,9 @@ Children of 4-D layers carry ``lumos_layout`` (identity: their output is B x C x
 is inferred for them.
 
 Input range: a model whose first layer is a ``Rescaling`` that scales by 1/100 or less (``Rescaling(1/255)``,
-``Rescaling(1/127.5, offset=-1)``) expects pixel values 0-255 and gets them; any other model gets 0-1.
+``Rescaling(1/127.5, offset=-1)``), or a ``Normalization`` adapted to 0-255 images (mean or std above 2), expects
+pixel values 0-255 and gets them; any other model gets 0-1. Layers that keep the range (``Reshape``, ``Resizing``,
+...) and random augmentation may come first.
 ``mean``/``std`` given to :func:`lumos.load_model` override this (on the usual 0-1 scale).
 """
 
@@ -275,13 +277,22 @@ def _first_value_layer(model: Any, keras: Any) -> Any:
 
 
 def _pixel_range(model: Any, keras: Any) -> float:
-    """255 if the model starts with a Rescaling layer that divides by 100 or more, else 1 (layers that keep the
-    range, such as Reshape, and random augmentation may come before it)."""
+    """255 if the model starts with a Rescaling layer that divides by 100 or more, or with a Normalization whose
+    mean or standard deviation is above 2 (adapted to 0-255 pixels), else 1 (layers that keep the range, such as
+    Reshape, and random augmentation may come before it)."""
     first = _first_value_layer(model, keras)
     if isinstance(first, keras.layers.Rescaling):
         scale = first.scale
         scales = [float(s) for s in (scale if isinstance(scale, list | tuple) else [scale])]
         if scales and max(abs(s) for s in scales) <= 0.01:
+            return 255.0
+    if isinstance(first, keras.layers.Normalization) and not getattr(first, "invert", False):
+        try:
+            mean = torch.as_tensor(keras.ops.convert_to_numpy(first.mean)).abs().max().item()
+            std = torch.as_tensor(keras.ops.convert_to_numpy(first.variance)).sqrt().max().item()
+        except (AttributeError, TypeError, ValueError):  # not built or not adapted: no statistics to read
+            return 1.0
+        if mean > 2 or std > 2:
             return 255.0
     return 1.0
 

@@ -217,3 +217,13 @@ def test_a_normalization_adapted_to_0_255_pixels_gets_0_255(tmp_path, adapt_scal
     bundle = lumos.load_model(tmp_path / "m.keras")
     assert bundle.model.pixel_range == expected
     assert bundle.preprocess.std == pytest.approx((1 / expected,) * 3)
+
+
+def test_the_tracker_says_an_unbuilt_model_is_not_built():
+    """layer='auto' on a Sequential never called said 'No Keras layer with a 4-D output found' (it has a Conv2D)."""
+    from lumos.track import ExplanationLogger, MemorySink
+
+    model = keras.Sequential([L.Conv2D(2, 3, name="conv"), L.Flatten(), L.Dense(2)])
+    logger = ExplanationLogger(np.zeros((1, 8, 8, 3), np.float32), [0], sinks=[MemorySink()])
+    with pytest.raises(LumosError, match=r"is not built.*keras.Input.*layer='<name>'"):
+        logger.log(model, 0)

@@ -197,6 +197,9 @@ def keras_layer(model: Any, name: str) -> Any:
 
 def keras_auto_layer(model: Any) -> str:
     """The last Keras layer with a 4-D (image-like) output: the usual CAM layer."""
+    if not getattr(model, "built", True):
+        raise LumosError(f"The Keras model '{model.name}' is not built, so its layers have no output shapes: start it "
+                         "with keras.Input((H, W, C)), call it once on a batch, or pass layer='<name>'.")
     for layer in reversed(model.layers):
         try:
             shape = layer.output.shape

@@ -227,3 +227,14 @@ def test_the_tracker_says_an_unbuilt_model_is_not_built():
     logger = ExplanationLogger(np.zeros((1, 8, 8, 3), np.float32), [0], sinks=[MemorySink()])
     with pytest.raises(LumosError, match=r"is not built.*keras.Input.*layer='<name>'"):
         logger.log(model, 0)
+
+
+def test_the_cli_help_says_model_takes_a_keras_file():
+    """docs/keras.md runs `lumos explain --model model.keras`, but --help offered zoo names and import paths only."""
+    from typer.testing import CliRunner
+
+    from lumos.cli import app
+
+    run = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "200"})
+    assert run.exit_code == 0
+    assert "Keras 3 .keras" in " ".join(run.output.split())

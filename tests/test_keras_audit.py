@@ -238,3 +238,23 @@ def test_the_cli_help_says_model_takes_a_keras_file():
     run = CliRunner().invoke(app, ["explain", "--help"], env={"COLUMNS": "200"})
     assert run.exit_code == 0
     assert "Keras 3 .keras" in " ".join(run.output.split())
+
+
+def test_a_torch_model_from_a_module_named_keras_something_is_a_torch_model():
+    """is_keras_model matched any module name starting with 'keras': a torch net defined in keras_nets.py was sent
+    to the Keras adapter and failed there (no Keras layers)."""
+    from lumos.track import ExplanationLogger, MemorySink
+
+    class Net(torch.nn.Module):
+        __module__ = "keras_nets"  # as if defined in the user's keras_nets.py
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.conv(x).mean((2, 3)))
+
+    sink = MemorySink()
+    logger = ExplanationLogger(torch.rand(1, 3, 8, 8), [1], layer="conv", sinks=[sink])
+    assert logger.log(Net(), 0) == ["lumos/gradcam/00"]

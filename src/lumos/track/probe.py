@@ -111,7 +111,7 @@ def hstack(images: Sequence[Image.Image], gap: int = 4) -> Image.Image:
 
 def is_keras_model(model: object) -> bool:
     """True for a Keras 3 model/layer (any backend)."""
-    return any(c.__module__.startswith("keras") for c in type(model).__mro__)
+    return any(c.__module__.split(".")[0] == "keras" for c in type(model).__mro__)  # not a user's keras_nets.py
 
 
 class _Tap(nn.Module):

@@ -258,3 +258,46 @@ def test_a_torch_model_from_a_module_named_keras_something_is_a_torch_model():
     sink = MemorySink()
     logger = ExplanationLogger(torch.rand(1, 3, 8, 8), [1], layer="conv", sinks=[sink])
     assert logger.log(Net(), 0) == ["lumos/gradcam/00"]
+
+
+# ----------------------------------------------------------------------- subclassed keras.Model
+
+
+class SubclassedNet(keras.Model):
+    """The tf-explain way: layers as attributes, the graph in call()."""
+
+    def __init__(self) -> None:
+        super().__init__(name="subclassed")
+        self.conv = L.Conv2D(4, 3, activation="relu", name="conv")
+        self.gap = L.GlobalAveragePooling2D()
+        self.fc = L.Dense(3, name="fc")
+
+    def call(self, x, training=False):
+        return self.fc(self.gap(self.conv(x)))
+
+
+def test_a_subclassed_model_is_wrapped_and_its_gradcam_is_the_hand_computed_one():
+    """A called subclassed model has no symbolic input: KerasModule refused it ('this one has inputs none')."""
+    keras.utils.set_random_seed(0)
+    model = SubclassedNet()
+    model(torch.zeros(1, 16, 16, 3))
+    net = KerasModule(model)
+    assert net.channels_last and net.input_size is None
+    x = torch.rand(2, 3, 16, 16)
+    ref = hand_gradcam(model, model.conv, x.permute(0, 2, 3, 1), [0, 2])
+    assert ref.abs().max() > 1e-6
+    torch.testing.assert_close(lumos_gradcam(net, x, "conv", [0, 2]), ref)
+    assert lumos.explain(net, x, "gradcam").layer == "conv"  # auto: lumos traces the forward itself
+
+
+def test_the_tracker_asks_for_a_layer_name_on_a_subclassed_model():
+    from lumos.track import ExplanationLogger, MemorySink
+
+    keras.utils.set_random_seed(0)
+    model = SubclassedNet()
+    model(torch.zeros(1, 16, 16, 3))
+    x = np.random.default_rng(3).random((2, 16, 16, 3), dtype=np.float32)
+    with pytest.raises(LumosError, match=r"subclassed Keras model 'subclassed'.*pass layer='<name>'"):
+        ExplanationLogger(x, [0, 1], sinks=[MemorySink()]).log(model, 0)
+    assert ExplanationLogger(x, [0, 1], layer="conv", sinks=[MemorySink()]).log(model, 0) == [
+        "lumos/gradcam/00", "lumos/gradcam/01"]

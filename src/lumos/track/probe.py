@@ -207,6 +207,9 @@ def keras_auto_layer(model: Any) -> str:
             continue
         if len(shape) == 4:
             return layer.name
+    if not getattr(model, "inputs", None):  # built, but a subclassed keras.Model: its layers have no symbolic outputs
+        raise LumosError(f"layer='auto' needs the layers' output shapes, which the subclassed Keras model "
+                         f"'{model.name}' does not have; pass layer='<name>' (see model.summary()).")
     raise LumosError("No Keras layer with a 4-D output found; pass layer='<name>' (see model.summary()).")
 
 

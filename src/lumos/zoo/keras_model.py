@@ -165,13 +165,14 @@ class KerasModule(nn.Module):
                 f"The Keras model '{keras_model.name}' is not built, so its input is unknown: start it with "
                 "keras.Input((H, W, C)) or call it once on a batch of images."
             )
-        if len(inputs) != 1 or len(inputs[0].shape) not in (3, 4):
-            shapes = ", ".join(str(tuple(i.shape)) for i in inputs) or "none"
+        subclassed = not inputs  # built, but no symbolic input: a subclassed keras.Model (input shape unknown)
+        if not subclassed and (len(inputs) != 1 or len(inputs[0].shape) not in (3, 4)):
+            shapes = ", ".join(str(tuple(i.shape)) for i in inputs)
             raise LumosError(
                 f"lumos explains Keras models with one image input (B x H x W x C, or B x H x W grayscale); this "
                 f"one has inputs {shapes}."
             )
-        shape = tuple(inputs[0].shape)
+        shape = (None,) * 4 if subclassed else tuple(inputs[0].shape)
         self.gray_hw = len(shape) == 3  # Input((H, W)): grayscale images without a channel axis
         if self.gray_hw:
             self.channels_last = True

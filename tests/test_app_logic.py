@@ -137,13 +137,15 @@ def test_example_button_feature_maps_and_enlarge():
     at = _app()
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
-    assert _images(at)[:2] == ["original: chelsea.png", "Grad-CAM @ _act1"]
+    assert _images(at)[:2] == ["original: chelsea.png", "Grad-CAM @ _act1 for Egyptian cat (285)"]
     at.toggle(key="feature_show").set_value(True).run()
     assert any("top 16 channels" in c for c in _images(at))
     # one map large, beside the original, in a dialog
     at.button(key="big_gradcam").click().run()
     assert not at.exception
-    assert _images(at).count("Grad-CAM @ _act1") == 2 and _images(at).count("original: chelsea.png") == 2
+    # the dialog's caption names the class too: the large map read on its own says what it explains
+    assert _images(at).count("Grad-CAM @ _act1 for Egyptian cat (285)") == 2
+    assert _images(at).count("original: chelsea.png") == 2
 
 
 @pytest.mark.skipif(not logic.evaluation_available(), reason="lumos.evaluate is not installed")
@@ -197,7 +199,7 @@ def test_changing_the_layer_recomputes_only_methods_that_use_it(monkeypatch):
     at.selectbox(key="layer").set_value(layer).run()
     assert not at.exception and not at.error
     assert ran == ["gradcam"]  # SmoothGrad and gradients ignore the layer: not recomputed
-    assert f"Grad-CAM @ {layer}" in _images(at)
+    assert f"Grad-CAM @ {layer} for espresso (967)" in _images(at)
     ran.clear()
     at.selectbox(key="colormap").set_value("viridis").run()  # display only
     at.selectbox(key="layer").set_value("auto").run()  # back: all cached
@@ -225,6 +227,7 @@ def test_class_search_ranks_whole_words_and_prefixes_first():
     assert "**292: tiger**" in _target_caption(at)
     at.selectbox(key="search_pick_tiger").select_index(2).run()
     assert "**3: tiger shark**" in _target_caption(at)
+    assert "Grad-CAM @ _act1 for tiger shark (3)" in _images(at)  # the map itself says which class it explains
 
 
 def test_model_choice_in_the_page(monkeypatch):
@@ -272,6 +275,8 @@ def test_result_caption_says_when_a_map_is_zero_everywhere():
         return logic.MethodResult("gradcam", values, values, 3, 0.5, "_act1", False)
 
     assert logic.result_caption(result(np.ones((4, 4), np.float32))) == "Grad-CAM @ _act1"
+    assert logic.result_caption(result(np.ones((4, 4), np.float32)), "tabby") == "Grad-CAM @ _act1 for tabby (3)"
+    assert logic.result_caption(result(np.ones((4, 4), np.float32)), "class 3") == "Grad-CAM @ _act1 for class 3"
     blank = logic.result_caption(result(np.zeros((4, 4), np.float32)))
     assert blank.startswith("Grad-CAM @ _act1: zero everywhere, nothing to draw (the exact result")
 

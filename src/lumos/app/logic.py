@@ -497,9 +497,14 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
 
 
 
-def result_caption(result: MethodResult) -> str:
-    """``Grad-CAM @ layer``, and a note when the map is zero everywhere (drawn as nothing: say why)."""
+def result_caption(result: MethodResult, class_name: str | None = None) -> str:
+    """``Grad-CAM @ layer``, then ``for <class_name> (<index>)`` when given, so a map read on its own (the Enlarge
+    dialog, a screenshot) says which class it explains; and a note when the map is zero everywhere (drawn as
+    nothing: say why)."""
     caption = f"{display_name(result.method)}{f' @ {result.layer}' if result.layer else ''}"
+    if class_name is not None:
+        numbered = result.target is not None and class_name != f"class {result.target}"  # no "class 7 (7)"
+        caption += f" for {class_name}" + (f" ({result.target})" if numbered else "")
     if not np.any(result.map):
         caption += (": zero everywhere, nothing to draw (the exact result: the class's score does not change "
                     "with what the method looks at, e.g. an untrained head)")

@@ -280,7 +280,7 @@ with right:
             return
         pic = logic.render_result(image, res, colormap, alpha)
         results[m], rendered[m] = res, pic
-        caption = logic.result_caption(res)
+        caption = logic.result_caption(res, None if res.target is None else label_of(res.target))
         with slots[m].container():
             st.image(pic, caption=caption, width="stretch")
             with st.container(horizontal=True, gap="small"):

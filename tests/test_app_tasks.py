@@ -171,6 +171,10 @@ def test_task_helpers():
     pred[5, :5] = 1  # 5% disc
     seg = task_logic.load_task_model("segmentation")
     assert task_logic.class_choices(pred, seg.names) == [(3, "triangle: 20% of pixels"), (1, "disc: 5% of pixels")]
+    big = torch.zeros(100, 100, dtype=torch.long)
+    big[0, :40] = 2  # 0.4%
+    big[1, 0] = 4  # one pixel in 10 000: there, so never "0%"
+    assert task_logic.class_choices(big, seg.names) == [(2, "square: 0.4% of pixels"), (4, "plus: <0.1% of pixels")]
 
     from lumos.cli_app import app_command
 

@@ -212,7 +212,14 @@ def class_choices(pred: torch.Tensor, names: Sequence[str], background: int = 0)
     classes, counts = pred.unique(return_counts=True)
     found = sorted(((int(n), int(c)) for c, n in zip(classes, counts, strict=True) if int(c) != background),
                    reverse=True)
-    return [(c, f"{label_name(c, names)}: {n / pred.numel():.0%} of pixels") for n, c in found]
+    return [(c, f"{label_name(c, names)}: {_share(n / pred.numel())} of pixels") for n, c in found]
+
+
+def _share(fraction: float) -> str:
+    """A predicted region's share of the image, never "0%" for a region that is there: 20%, 0.4%, <0.1%."""
+    if fraction >= 0.01:
+        return f"{fraction:.0%}"
+    return f"{fraction:.1%}" if fraction >= 0.001 else "<0.1%"
 
 
 def segments_image(tm: TaskModel, image: Image.Image, pred: torch.Tensor, background: int = 0) -> Image.Image:

@@ -142,6 +142,11 @@ def test_segmentation_view_switched_in_the_sidebar(monkeypatch, scenes):
     assert captions[0] == "scene 3.png: predicted class regions"
     first = names.index(options[0].split(":")[0])
     assert captions[1] == f"Grad-CAM @ features.block5: {names[first]} region"
+    # a key under the picture says which tint is which class: each listed class's name after its colour swatch
+    key = next(md.value for md in at.markdown if "lumos-region-key" in md.value)
+    for option in options:
+        c = names.index(option.split(":")[0])
+        assert f"background:rgb{task_logic.region_colour(c)}'></span>{names[c]}</span>" in key
 
     # the class region's map = lumos.explain with the same target, and it lies on that class's ground truth
     (result,) = _task_results().values()
@@ -175,6 +180,9 @@ def test_task_helpers():
     big[0, :40] = 2  # 0.4%
     big[1, 0] = 4  # one pixel in 10 000: there, so never "0%"
     assert task_logic.class_choices(big, seg.names) == [(2, "square: 0.4% of pixels"), (4, "plus: <0.1% of pixels")]
+    # the legend's colour is the tint drawn: on a black image a region is 0.55 x its colour
+    tinted = np.asarray(task_logic.segments_image(seg, Image.new("RGB", (64, 64)), torch.full((64, 64), 3)))
+    assert tuple(tinted[0, 0]) == tuple(round(0.55 * v) for v in task_logic.region_colour(3))
 
     from lumos.cli_app import app_command
 

@@ -225,16 +225,37 @@ def _share(fraction: float) -> str:
 def segments_image(tm: TaskModel, image: Image.Image, pred: torch.Tensor, background: int = 0) -> Image.Image:
     """The input image, ``SCALE`` times larger, each predicted class region tinted with its class colour
     (``lumos.render.boxes.PALETTE`` of class - 1: the detector's colour for the same shape)."""
-    from lumos.render.boxes import PALETTE
-
     small, _ = task_input(tm, image)
     rgb = np.asarray(small, dtype=np.float32)
     p = pred.numpy()
     for c in np.unique(p):
         if c != background:
-            rgb[p == c] = 0.45 * rgb[p == c] + 0.55 * np.asarray(PALETTE[(int(c) - 1) % len(PALETTE)], np.float32)
+            rgb[p == c] = 0.45 * rgb[p == c] + 0.55 * np.asarray(region_colour(int(c)), np.float32)
     out = Image.fromarray(rgb.round().clip(0, 255).astype(np.uint8))
     return out.resize((out.width * SCALE, out.height * SCALE), Image.NEAREST)
+
+
+def region_colour(category: int) -> tuple[int, int, int]:
+    """The tint of class ``category``'s region in ``segments_image`` (the detector's colour for the same shape)."""
+    from lumos.render.boxes import PALETTE
+
+    return PALETTE[(int(category) - 1) % len(PALETTE)]
+
+
+def legend_html(classes: Sequence[tuple[int, str]], names: Sequence[str]) -> str:
+    """The key to ``segments_image``'s tints: a colour swatch and the class name for each listed class
+    (``class_choices``), so a region's colour is never left to guess."""
+    from html import escape
+
+    from lumos.render.boxes import label_name
+
+    items = "".join(
+        f"<span style='display:inline-flex;align-items:center;gap:0.3rem;margin-right:0.9rem'>"
+        f"<span style='display:inline-block;width:0.9rem;height:0.9rem;border-radius:2px;"
+        f"background:rgb{region_colour(c)}'></span>{escape(label_name(c, names))}</span>"
+        for c, _ in classes
+    )
+    return f"<div data-testid='lumos-region-key' style='font-size:0.85rem;margin-top:-0.5rem'>{items}</div>"
 
 
 def explain_class(tm: TaskModel, image: Image.Image, category: int, method: str = "gradcam",

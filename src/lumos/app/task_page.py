@@ -131,6 +131,7 @@ def run(task: str) -> None:
     left.image(task_logic.segments_image(tm, image, pred), width="stretch",
                caption=f"{name}: predicted class regions")
     classes = task_logic.class_choices(pred, tm.names)
+    left.markdown(task_logic.legend_html(classes, tm.names), unsafe_allow_html=True)  # which tint is which class
     if not classes:
         middle.info("The model predicts only background in this image.")
         return

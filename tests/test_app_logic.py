@@ -67,6 +67,10 @@ def _top5(at: AppTest) -> list[tuple[str, int, float]]:
     return []
 
 
+def _colour_key(at: AppTest) -> str:
+    return next(md.value for md in at.markdown if "lumos-colour-key" in md.value)
+
+
 def _target_caption(at: AppTest) -> str:
     return next(c.value for c in at.caption if c.value.startswith("Explaining class"))
 
@@ -138,6 +142,10 @@ def test_example_button_feature_maps_and_enlarge():
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
     assert _images(at)[:2] == ["original: chelsea.png", "Grad-CAM @ _act1 for Egyptian cat (285)"]
+    # a key to the colours under the maps, in the chosen colormap (jet's top is dark red, viridis's yellow)
+    assert _colour_key(at).count("heat maps: low") == 1 and "rgb(128, 0, 0))" in _colour_key(at)
+    at.selectbox(key="colormap").set_value("viridis").run()
+    assert "rgb(253, 231, 37))" in _colour_key(at) and "grey-scale" not in _colour_key(at)
     at.toggle(key="feature_show").set_value(True).run()
     assert any("top 16 channels" in c for c in _images(at))
     # one map large, beside the original, in a dialog
@@ -279,6 +287,20 @@ def test_result_caption_says_when_a_map_is_zero_everywhere():
     assert logic.result_caption(result(np.ones((4, 4), np.float32)), "class 3") == "Grad-CAM @ _act1 for class 3"
     blank = logic.result_caption(result(np.zeros((4, 4), np.float32)))
     assert blank.startswith("Grad-CAM @ _act1: zero everywhere, nothing to draw (the exact result")
+
+
+def test_colour_key_covers_the_kinds_of_map_shown():
+    def result(pixel: bool, values) -> logic.MethodResult:
+        m = np.asarray(values, np.float32)
+        return logic.MethodResult("gradcam", m, m, 3, 0.5, None, pixel)
+
+    heat, grey, signed = result(False, [[0, 1]]), result(True, [[0, 1]]), result(True, [[-1, 1]])
+    key = logic.colour_key_html([heat, grey], "jet")
+    assert "heat maps: low" in key and "grey-scale maps: low" in key and "signed" not in key
+    assert "rgb(0, 0, 128)" in key and "rgb(255, 255, 255))" in key  # jet's bottom, white at the top of grey
+    only_signed = logic.colour_key_html([signed])
+    assert "against the class" in only_signed and "heat maps" not in only_signed and "grey-scale" not in only_signed
+    assert logic.colour_key_html([]) == ""
 
 
 def test_app_scorecam_settings_default_to_the_library():

@@ -521,6 +521,33 @@ def render_result(image: Image.Image, result: MethodResult, colormap: str = "jet
     return draw_map(image, result.map, "pixel" if result.pixel else "layer", colormap, alpha)
 
 
+def _gradient_css(colormap: str, stops: int = 9) -> str:
+    from lumos.render import get_colormap
+
+    cmap = get_colormap(colormap)
+    colours = [tuple(round(255 * c) for c in cmap(i / (stops - 1))[:3]) for i in range(stops)]
+    return "linear-gradient(to right," + ",".join(f"rgb{c}" for c in colours) + ")"
+
+
+def colour_key_html(results: Sequence[MethodResult], colormap: str = "jet") -> str:
+    """The key to the maps' colours, for the kinds on screen: heat overlays (``colormap``, low to high), grey-scale
+    saliency (black to white) and signed saliency (blue against the class, red for it, as ``draw_map`` draws them).
+    Every map is scaled to its own range, so colours compare places within a map, not maps with each other."""
+    bar = ("<span style='display:inline-block;width:6rem;height:0.7rem;margin:0 0.3rem;vertical-align:middle;"
+           "border-radius:2px;background:{}'></span>")
+    parts = []
+    if any(not r.pixel for r in results):
+        parts.append(f"heat maps: low{bar.format(_gradient_css(colormap))}high")
+    if any(r.pixel and not float(np.min(r.map)) < 0 for r in results):
+        parts.append(f"grey-scale maps: low{bar.format(_gradient_css('gray'))}high")
+    if any(r.pixel and float(np.min(r.map)) < 0 for r in results):
+        parts.append(f"signed maps: against the class{bar.format(_gradient_css('bwr'))}for it")
+    if not parts:
+        return ""
+    return (f"<div data-testid='lumos-colour-key' style='font-size:0.8rem;opacity:0.8'>{'; '.join(parts)}. "
+            "Each map is scaled to its own range.</div>")
+
+
 def feature_grid_image(bundle, image: Image.Image, layer: str = "auto", n: int = 16):
     """(grid image, layer name, channel indices) of the ``n`` most active channels of ``layer``."""
     import lumos

@@ -313,6 +313,7 @@ with right:
             show(m, res)
         progress_slot.empty()
     if results:
+        st.markdown(logic.colour_key_html(list(results.values()), colormap), unsafe_allow_html=True)
         st.download_button(
             "Download everything (ZIP)",
             lambda: logic.build_zip(image_name, image, results, rendered, top),

@@ -179,6 +179,8 @@ def test_evaluation_runs_only_on_request(monkeypatch):
     aucs = at.dataframe[0].value
     assert list(aucs.columns) == ["method", "deletion AUC", "insertion AUC"]
     assert list(aucs["method"]) == ["Grad-CAM"] and aucs["deletion AUC"].between(0, 1).all()
+    columns = json.loads(at.dataframe[0].proto.columns)  # three decimals, as the plot's legend (not 0.0622 | 0.72)
+    assert [columns[c]["type_config"]["format"] for c in ("deletion AUC", "insertion AUC")] == ["%.3f", "%.3f"]
     at.radio[0].set_value(2).run()  # another class: the old curves go, nothing is scored until asked
     assert len(calls) == 1 and not at.dataframe
     assert any("Press the button to score" in c.value for c in at.caption)

@@ -360,7 +360,9 @@ if logic.evaluation_available():
                 st.pyplot(logic.curves_figure(curves))
                 st.dataframe({"method": [logic.display_name(m) for m in curves],
                               "deletion AUC": [c.deletion_auc for c in curves.values()],
-                              "insertion AUC": [c.insertion_auc for c in curves.values()]}, hide_index=True)
+                              "insertion AUC": [c.insertion_auc for c in curves.values()]}, hide_index=True,
+                             column_config={c: st.column_config.NumberColumn(format="%.3f")  # as in the legend
+                                            for c in ("deletion AUC", "insertion AUC")})
                 blank = [logic.display_name(m) for m, c in curves.items() if not c.defined]
                 if blank:
                     st.caption(f"Undefined for {', '.join(blank)}: a blank map ranks no pixel, so it has no "

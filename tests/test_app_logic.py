@@ -251,12 +251,22 @@ def test_model_choice_in_the_page(monkeypatch):
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
     assert _top5(at)[0][0].startswith("class ") and any(c.startswith("Grad-CAM @ features") for c in _images(at))
+    assert "tiger" not in at.text_input(key="search").placeholder  # the search hint names this model's classes
     box.select_index(1).run()  # the first zoo model
     assert not at.exception and not at.error
     assert _top5(at)[0][0] in CATS and any(c.startswith("Grad-CAM @ _act1") for c in _images(at))
+    assert at.text_input(key="search").placeholder == "e.g. tiger, espresso, 285"
 
 
 # ------------------------------------------------------------------------------------ plain helpers
+
+
+def test_search_placeholder_names_the_models_own_classes():
+    cifar = [f"{i}: {n}" for i, n in enumerate(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                                 "horse", "ship", "truck"])]
+    assert logic.search_placeholder(cifar) == "e.g. airplane, automobile, 9"
+    assert logic.search_placeholder([f"{i}: class {i}" for i in range(3)]) == "e.g. class 0, class 1, 2"
+    assert logic.search_placeholder([]) == ""
 
 
 def test_decode_limits_and_formats(monkeypatch):

@@ -246,6 +246,14 @@ def class_names(bundle) -> list[str]:
     return [f"{i}: {full(i) if full else labels[i]}" for i in range(len(labels))]
 
 
+def search_placeholder(names: Sequence[str]) -> str:
+    """The class search box's hint, from the model's own classes (``class_names``): ``e.g. tiger, espresso, 285``
+    for ImageNet, ``e.g. airplane, automobile, 9`` for a 10-class model (no ImageNet name it would not find)."""
+    aliases = [n.partition(": ")[2].split(",")[0].strip() for n in names]
+    picks = [a for a in ("tiger", "espresso") if a in aliases] or [a for a in aliases[:2] if a]
+    return "e.g. " + ", ".join([*picks, str(min(285, len(names) - 1))]) if names else ""
+
+
 def _match_rank(alias: str, query: str) -> int | None:
     """How well one alias matches: 0 the whole alias, 1 it starts with the query as a word, 2 a word anywhere,
     3 it starts with the query, 4 a word starts with it, 5 it contains it; None: no match."""

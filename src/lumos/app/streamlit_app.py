@@ -245,7 +245,7 @@ with left:
     names = get_class_names(MODEL_KEY)
     searched = None
     if names:
-        query = st.text_input("... or search any class", key="search", placeholder="e.g. tiger, espresso, 285",
+        query = st.text_input("... or search any class", key="search", placeholder=logic.search_placeholder(names),
                               on_change=_clear_top5)
         if query and query.strip():
             found = logic.search_classes(names, query)

@@ -11,8 +11,8 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", metavar="MODEL",
-    help="Zoo name (see `lumos models`), a saved model file (TorchScript .pt/.ts, Keras 3 .keras) or "
-    "package.module:callable (a module in the current folder works).")]
+    help="Zoo name (see `lumos models`), a saved Keras 3 .keras file or package.module:callable (a module in the "
+    "current folder works).")]
 MethodOpt = Annotated[str, typer.Option(
     "--method", "--methods", metavar="METHODS",
     help="Comma-separated methods or aliases, or all (see `lumos methods`).")]

@@ -271,7 +271,7 @@ def test_torchscript_round_trip(user_module, tmp_path):
 def test_state_dict_file_is_not_torchscript(tmp_path):
     path = tmp_path / "weights.pth"
     torch.save({"w": torch.zeros(2)}, path)
-    with pytest.raises(ModelLoadError, match="not a TorchScript file"):
+    with pytest.raises(ModelLoadError, match="no TorchScript code in it"):
         load_model(path)
     with pytest.raises(ModelLoadError, match="not found"):
         load_model(tmp_path / "missing.pt")
@@ -282,3 +282,21 @@ def test_unknown_zoo_name():
         load_model("efficientnet_lite1")
     with pytest.raises(ModelLoadError, match="Unknown model"):
         load_model("resnet")
+
+
+def test_a_caller_that_refuses_torchscript_is_not_told_to_save_one(tmp_path):
+    """lumos evaluate and the app load with torchscript=False, yet a state dict given as the model was told to
+    'save models with torch.jit.save', and an unknown name to use 'a TorchScript file': both then refused."""
+    state = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(1)}, state)
+    with pytest.raises(ModelLoadError) as refused:
+        load_model(str(state), torchscript=False)
+    assert "jit.save" not in str(refused.value) and "weights=FILE" in str(refused.value)
+    with pytest.raises(ModelLoadError) as offered:
+        load_model(str(state))
+    assert "torch.jit.save" in str(offered.value)
+    with pytest.raises(ModelLoadError) as unknown:
+        load_model("nope", torchscript=False)
+    assert "TorchScript" not in str(unknown.value) and ".keras" in str(unknown.value)
+    with pytest.raises(ModelLoadError, match="a TorchScript file"):
+        load_model("nope")

@@ -261,12 +261,14 @@ def refuse_torchscript(spec: str | os.PathLike[str]) -> None:
         )
 
 
-def _load_torchscript(path: Path) -> nn.Module:
+def _load_torchscript(path: Path, offer: bool = True) -> nn.Module:
+    """``offer``: the caller takes TorchScript files, so the error may suggest saving one."""
     if not path.is_file():
         raise ModelLoadError(f"Model file not found: {path}.")
     if not is_torchscript_file(path):  # e.g. a torch.save state dict: refuse it without unpickling anything
+        save = "save models with torch.jit.save, or " if offer else ""
         raise ModelLoadError(
-            f"{path} is not a TorchScript file (no TorchScript code in it); save models with torch.jit.save, or "
+            f"{path} is not a model file lumos can load (no TorchScript code in it, not a .keras file); {save}"
             "load a state dict with spec 'package.module:callable' and weights=FILE."
         )
     try:
@@ -467,15 +469,16 @@ def load_model(
                 raise ModelLoadError(
                     "weights= applies to zoo names and import paths; a saved model file has its own weights."
                 )
-            model = _load_torchscript(path)
+            model = _load_torchscript(path, torchscript)
         elif ":" in text and not path.exists():
             model = _resolve_import(text)
             if weights is not None:
                 _load_weights(model, weights)
         else:
             raise ModelLoadError(
-                f"Unknown model {text!r}: use a zoo name ({', '.join(models())}), a TorchScript file "
-                f"or 'package.module:callable'.{close_matches(key, models())}"
+                f"Unknown model {text!r}: use a zoo name ({', '.join(models())}), a Keras .keras file, "
+                f"{'a TorchScript file ' if torchscript else ''}or 'package.module:callable'."
+                f"{close_matches(key, models())}"
             )
         preprocess = Preprocess(
             224 if size is None else size,

@@ -14,6 +14,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":
     pytest.skip("keras was imported earlier with another backend", allow_module_level=True)
 
+from lumos.errors import LumosError  # noqa: E402
 from lumos.synthetic import make_dataset  # noqa: E402
 from lumos.track import ExplanationLogger, MemorySink, TensorBoardSink  # noqa: E402
 from lumos.track.keras import LumosKerasCallback  # noqa: E402
@@ -172,3 +173,31 @@ def test_keras_callback_closes_the_logger_at_exit_unless_closed_before(data, mon
     assert registered == []
     LumosKerasCallback(ExplanationLogger(x[:1], y[:1], layer="conv2", sinks=[MemorySink()]), close=False)
     assert registered == []
+
+
+def test_keras_two_outputs_with_output_index(data):
+    """A Keras model with two outputs ([aux, logits]) logs with output=1 exactly what the same layers with the logits
+    alone log; without output= it is one line naming output=."""
+    x, y, _ = data
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((32, 32, 3))
+    h = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv1")(inp)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    logits = keras.layers.Dense(4, name="fc")(h)
+    aux = keras.layers.Dense(4, name="aux")(h)
+    two, one = keras.Model(inp, [aux, logits]), keras.Model(inp, logits)  # the same layers and weights
+    xt = torch.as_tensor(x[:3])
+    assert not torch.equal(two(xt)[0].argmax(1), one(xt).argmax(1))  # the aux head would give other captions
+    got, ref = MemorySink(), MemorySink()
+    tags = ExplanationLogger(x[:3], y[:3], layer="conv1", sinks=[got], output=1, metrics=["deletion"],
+                             deletion_steps=4).log(two, 0)
+    assert ExplanationLogger(x[:3], y[:3], layer="conv1", sinks=[ref], metrics=["deletion"],
+                             deletion_steps=4).log(one, 0) == tags
+    for tag in tags:
+        (_, im, cap), = got.images[tag]
+        (_, im_ref, cap_ref), = ref.images[tag]
+        assert cap == cap_ref
+        assert np.array_equal(np.asarray(im), np.asarray(im_ref))
+    assert got.scalars == ref.scalars and got.scalars
+    with pytest.raises(LumosError, match=r"returns a list of 2; give ExplanationLogger\(\.\.\., output=<index>\)"):
+        ExplanationLogger(x[:3], y[:3], layer="conv1", sinks=[MemorySink()]).log(two, 0)

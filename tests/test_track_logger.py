@@ -250,3 +250,75 @@ def test_a_wrong_method_or_setting_fails_when_the_logger_is_made_not_at_every_st
         ExplanationLogger(x, y, methods=["ig"], settings={"ig": {"step": 8}}, sinks=[MemorySink()])
     with pytest.raises(LumosError, match="settings given for scorecam, which is not among the methods"):
         ExplanationLogger(x, y, methods=["gradcam"], settings={"scorecam": {"max_channels": 8}}, sinks=[MemorySink()])
+
+
+class TwoHeads(nn.Module):
+    """A TinyCNN's logits next to an aux head of the same shape (so taking the wrong one changes every picture)."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.net = TinyCNN()
+        self.as_dict = as_dict
+
+    def forward(self, x: torch.Tensor):
+        logits = self.net(x)
+        aux = 2 * logits.roll(1, dims=1)  # another class wins, with other probabilities
+        return {"aux": aux, "logits": logits} if self.as_dict else (aux, logits)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_output_picks_the_logits_of_a_multi_output_model(data, monkeypatch, as_dict):
+    """output= reaches every method (maps equal lumos.explain(..., output=)), the prediction, the captions and
+    the deletion score: the pictures and scalars are those of the same network returning its logits alone."""
+    import lumos
+    import lumos.track.logger as logger_mod
+
+    model = TwoHeads(as_dict).eval()
+    output = "logits" if as_dict else 1
+    x, y = data.images[:3], data.labels[:3]
+    seen = []
+    real = logger_mod.explain
+    monkeypatch.setattr(logger_mod, "explain", lambda *a, **k: seen.append((a, k, r := real(*a, **k))) or r)
+    multi = ExplanationLogger(x, y, methods=["gradcam", "features"], layer="net.features.block4", output=output,
+                              metrics=["deletion"], deletion_steps=4, sinks=[MemorySink()])
+    tags = multi.log(model, 0)
+    monkeypatch.setattr(logger_mod, "explain", real)
+    single = ExplanationLogger(x, y, methods=["gradcam", "features"], layer="features.block4",
+                               metrics=["deletion"], deletion_steps=4, sinks=[MemorySink()])
+    assert single.log(model.net, 0) == tags
+    got, ref = multi.sinks[0], single.sinks[0]
+    for tag in tags:
+        (_, im, cap), = got.images[tag]
+        (_, im_ref, cap_ref), = ref.images[tag]
+        assert cap == cap_ref
+        assert np.array_equal(np.asarray(im), np.asarray(im_ref))
+    assert got.scalars == ref.scalars
+    # the maps drawn are lumos.explain's with output= on the same model and images (true, then predicted class)
+    preds = model.net(x).argmax(1)
+    assert [k["target"] for _, k, _ in seen] == [y.tolist(), preds.tolist()]
+    for (_, _, ex), classes in zip(seen, (y, preds), strict=True):
+        direct = lumos.explain(model, x, "gradcam", target=classes.tolist(), layer="net.features.block4",
+                               output=output)
+        assert torch.allclose(ex.maps, direct.maps, atol=1e-6)
+    aux = model(x)["aux" if as_dict else 0]
+    assert not torch.equal(aux.argmax(1), preds)  # the aux head would have given other captions
+    assert list(got.scalars) == ["lumos/gradcam/deletion_auc"]
+
+
+def test_a_multi_output_model_without_a_good_output_is_one_line_naming_output(data):
+    x, y = data.images[:2], data.labels[:2]
+    cases = [
+        (TwoHeads(False), None, r"returns a tuple of 2; give ExplanationLogger\(\.\.\., output=<index>\)"),
+        (TwoHeads(True), None, r"returns a dict \('aux', 'logits'\); give ExplanationLogger\(\.\.\., output=<key>\)"),
+        (TwoHeads(False), 2, r"output=2 is not an index of the model output, a tuple of 2; give an index 0\.\.1"),
+        (TwoHeads(True), "logit", r"output='logit' is not a key of the model output; its keys: 'aux', 'logits'"),
+        (TinyCNN(), 0, r"output=0 was given, but the model returns one tensor \(2, 4\); leave output= out"),
+    ]
+    for model, output, message in cases:
+        logger = ExplanationLogger(x, y, layer="auto", output=output, sinks=[MemorySink()])
+        with pytest.raises(LumosError, match=message) as err:
+            logger.log(model, 0)
+        assert "\n" not in str(err.value)
+    with pytest.raises(LumosError, match=r"output= must be an index, a key or a callable .*, not 1\.5\."):
+        ExplanationLogger(x, y, output=1.5, sinks=[MemorySink()])

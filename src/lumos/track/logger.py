@@ -20,7 +20,7 @@ from lumos.explainer import MethodSpec, check_method_settings
 from lumos.methods.base import method_class
 from lumos.render import draw_map
 from lumos.shortfall import gather_shortfalls
-from lumos.targets import probabilities
+from lumos.targets import OutputSpec, probabilities, select_output
 from lumos.track._guard import preserve_grads, preserve_rng
 from lumos.track.probe import (
     KerasAdapter,
@@ -65,6 +65,9 @@ class ExplanationLogger:
         display_size: overlays are drawn with this longer side (pixels).
         settings: method settings, ``{method: {key: value}}`` (e.g. ``{"integrated_gradients": {"steps": 16}}``),
             checked when the logger is made, like the method names.
+        output: for a model returning a tuple/list or dict, the index or key of its (batch, classes) logits (or a
+            callable on the model output), as ``output=`` of :func:`lumos.explain`; used for the maps, the
+            predicted class, the captions and the deletion score. Checked at the first :meth:`log`.
 
     A single-logit head is binary: the logit explains "positive", its negation "negative", and the
     probability is its sigmoid. Logging never disturbs training: model modes, BatchNorm statistics,
@@ -94,7 +97,11 @@ class ExplanationLogger:
         alpha: float = 0.5,
         deletion_steps: int = 20,
         settings: Mapping[str, Mapping[str, Any]] | None = None,
+        output: OutputSpec = None,
     ) -> None:
+        if output is not None and (isinstance(output, bool) or not (isinstance(output, int | str) or callable(output))):
+            raise LumosError(f"output= must be an index, a key or a callable on the model output, not {output!r}.")
+        self.output = output
         self.labels = None if labels is None else torch.as_tensor(labels).long().reshape(-1).cpu()
         mask_t = None if masks is None else torch.as_tensor(masks)
         batch = (len(self.labels) if self.labels is not None
@@ -206,9 +213,7 @@ class ExplanationLogger:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise LumosError(f"The model fails on the probe images {tuple(x.shape)} ({dtype}, {device}): {first}") \
                 from err
-        if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise LumosError("ExplanationLogger needs a classifier returning (batch, classes) logits.")
-        out = out.detach().float().cpu()
+        out = self._logits(out).detach().float().cpu()
         n_classes = max(out.shape[1], 2)
         if self.labels is not None and not bool(((self.labels >= 0) & (self.labels < n_classes)).all()):
             bad = next(int(v) for v in self.labels if not 0 <= int(v) < n_classes)
@@ -247,6 +252,39 @@ class ExplanationLogger:
             except LumosError as err:  # e.g. an untrained ViT's zero head: say it, never stop the training
                 self._skipped(method, err)
         return items, scalars
+
+    def _logits(self, out: Any) -> torch.Tensor:
+        """The (batch, classes) logits picked by ``output=`` from the model output (one-line errors otherwise)."""
+        sel = self.output
+        if sel is not None and not callable(sel):
+            if isinstance(out, torch.Tensor):
+                raise LumosError(f"output={sel!r} was given, but the model returns one tensor {tuple(out.shape)}; "
+                                 "leave output= out.")
+            if isinstance(out, Mapping) and sel not in out:
+                keys = ", ".join(repr(k) for k in out)
+                raise LumosError(f"output={sel!r} is not a key of the model output; its keys: {keys}.")
+            if isinstance(out, tuple | list) and not (isinstance(sel, int) and -len(out) <= sel < len(out)):
+                raise LumosError(f"output={sel!r} is not an index of the model output, a {type(out).__name__} of "
+                                 f"{len(out)}; give an index 0..{len(out) - 1}.")
+        try:
+            logits = select_output(out, sel)
+        except LumosError as err:
+            if sel is not None:
+                raise LumosError(f"output={sel!r} does not select a tensor from the model output: {err}") from err
+            if isinstance(out, Mapping):
+                keys = ", ".join(repr(k) for k in out)
+                raise LumosError(f"The model returns a dict ({keys}); give ExplanationLogger(..., output=<key>) to "
+                                 "choose its (batch, classes) logits.") from err
+            if isinstance(out, tuple | list):
+                raise LumosError(f"The model returns a {type(out).__name__} of {len(out)}; give ExplanationLogger(..., "
+                                 "output=<index>) to choose its (batch, classes) logits.") from err
+            raise LumosError(f"ExplanationLogger needs a classifier returning (batch, classes) logits; the model "
+                             f"returns a {type(out).__name__}.") from err
+        if logits.ndim != 2:
+            what = "the model returns" if sel is None else f"output={sel!r} selects"
+            raise LumosError(f"ExplanationLogger needs (batch, classes) logits; {what} a tensor of shape "
+                             f"{tuple(logits.shape)}.")
+        return logits
 
     def _skipped(self, method: str, err: LumosError) -> None:
         """One warning per method and reason (later steps with the same reason log at debug level)."""
@@ -308,7 +346,7 @@ class ExplanationLogger:
                 nonlocal kind
                 sel = torch.tensor(idx, dtype=torch.long)
                 target: Any = _BinaryTarget(signs[sel.to(device)]) if signs is not None else classes[sel].tolist()
-                ex = explain(net, x[sel.to(device)], method=method, target=target, layer=layer,
+                ex = explain(net, x[sel.to(device)], method=method, target=target, layer=layer, output=self.output,
                              **self.settings.get(method_class(method).name, {}))
                 kind = ex.kind
                 maps = ex.maps.detach().float().cpu()
@@ -368,7 +406,7 @@ class ExplanationLogger:
             hits = PointingGame()(maps=maps, masks=masks)
             out[f"{self.prefix}/{method}/pointing_game"] = float(hits.nanmean())
         if "deletion" in self.metrics:
-            deletion = Deletion(steps=self.deletion_steps)
+            deletion = Deletion(steps=self.deletion_steps, output=self.output)
             names = list(range(len(maps))) if keep is None else list(keep)  # probe image numbers, for the warning
 
             def run(idx: list[int]) -> list[float]:

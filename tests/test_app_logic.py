@@ -483,3 +483,62 @@ def test_a_blank_map_has_undefined_curves_said_in_the_legend():
     assert curves["rise"].defined and 0 <= curves["rise"].deletion_auc <= 1
     labels = [t.get_text() for t in logic.curves_figure(curves).axes[0].get_legend().get_texts()]
     assert labels[0] == "Grad-CAM (undefined: blank map)" and labels[1].startswith("RISE (AUC 0.")
+
+
+# ------------------------------------------------------------------------- the page's own wording and labels
+
+
+def _bundle(model: torch.nn.Module, size: int = 32, labels=None):
+    from lumos.preprocess import Preprocess
+    from lumos.zoo import ModelBundle
+
+    return ModelBundle(model.eval(), Preprocess(size=size), labels, "test model")
+
+
+def _no_gap_head() -> torch.nn.Module:
+    """Conv -> max pool -> flatten -> linear: no global-average-pooling head, so CAM cannot explain it."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(4),
+                               torch.nn.Flatten(), torch.nn.Linear(16 * 8 * 8, 10))
+
+
+def test_errors_in_the_page_name_its_controls_not_keyword_arguments():
+    """CAM on a model without a GAP + linear head: the library says "use method='gradcam' instead" (right for Python);
+    the page says which of its own controls to use, and the library's message is unchanged."""
+    bundle = _bundle(_no_gap_head())
+    with pytest.raises(LumosError, match="use method='gradcam' instead") as err:
+        logic.run_method(bundle, Image.new("RGB", (32, 32), (90, 120, 30)), "cam", None)
+    shown = logic.describe_error(err.value)
+    assert shown.endswith("; choose Grad-CAM in Methods instead.") and "method=" not in shown, shown
+
+    library = [  # the library's hints that can reach the page (lumos.engine, lumos.layers, lumos.targets, ...)
+        "Layer '3' outputs 8 maps for 1 image(s), not one per image (e.g. one per region proposal); choose a layer "
+        "of the backbone (layer='auto' does).",
+        "Layer '3' outputs 8x1x1: one value per channel, no spatial map to show; choose a layer whose output is "
+        "larger than 1x1 (layer='auto' picks the last one).",
+        "Found no layer with a spatial 4-D output (B x C x H x W, H and W > 1) or token grid; pass layer= explicitly.",
+        "Layer '3' outputs 1x7x7x7 and is ambiguous; pass layout= ('nhwc', 'nchw' or a function to B x C x h x w).",
+        "The model returns a dict; choose the output to explain with output= one of 'logits', 'aux'.",
+        "The model returns a tuple of 2; choose the output to explain with output=<index>.",
+        "The model output is a str; pass output= to select a tensor.",
+        "The attention has 7 tokens, which form no patch grid for a 64 x 64 input after 0..16 prefix tokens; give "
+        "grid=(rows, columns) (and prefix=).",
+        "CAM explains classes of the linear head; a callable target needs method='gradcam'.",
+    ]
+    for message in library:
+        shown = logic.app_wording(message)
+        assert not re.search(r"(?<![\w-])(?<!--set )(method|layer|layout|output|grid|prefix)=", shown), shown
+    assert logic.app_wording(library[0]).endswith("choose a layer of the backbone in Layer (CAM methods) (auto does).")
+    assert logic.app_wording(library[2]).endswith("; choose one in Layer (CAM methods).")
+    assert logic.app_wording(library[8]).endswith("needs Grad-CAM (in Methods).")
+    assert logic.app_wording("Expected numbers, got 'x'.") == "Expected numbers, got 'x'."  # nothing else changes
+
+
+def test_a_shortfall_caption_names_the_apps_setting_not_the_keyword():
+    """Score-CAM stopped at its cap (8 of 16 channels): the caption says "8 masks (Score-CAM most masks)", the
+    slider's name, not the constructor's ``max_channels=8``."""
+    bundle = _bundle(_no_gap_head())
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
+    res = logic.run_method(bundle, image, "scorecam", None, "0", {"max_channels": 8, "tolerance": 1e-6})
+    assert res.shortfall is not None and "stopped at 8 masks (Score-CAM most masks)" in res.shortfall, res.shortfall
+    assert "max_channels" not in res.shortfall and "--set" not in res.shortfall

@@ -160,10 +160,44 @@ def warm_up(bundle) -> None:
             bundle.model(x)
 
 
+LAYER_CONTROL = "Layer (CAM methods)"  # the sidebar's name for the layer choice
+# Library hints phrased for Python or the command line (``method='gradcam'``, ``layer=``, ``--set``), as the page's
+# own controls: the user of the page picks methods and layers in the sidebar and can type no keyword argument.
+_APP_WORDING: tuple[tuple[str, Callable[[re.Match], str] | str], ...] = (
+    (r"use method='([\w+-]+)' instead", lambda m: f"choose {display_name(m[1])} in Methods instead"),
+    (r"needs method='([\w+-]+)'", lambda m: f"needs {display_name(m[1])} (in Methods)"),
+    (r"method='([\w+-]+)'", lambda m: display_name(m[1])),
+    (r"\(layer='auto' ([^)]*)\)", r"(auto \1)"),
+    (r"; choose a layer (of the backbone|whose output is larger than 1x1)", rf"; choose a layer \1 in {LAYER_CONTROL}"),
+    (r"pass layer= explicitly", f"choose one in {LAYER_CONTROL}"),
+    (r"; pass layout= \([^)]*\)", f"; choose another layer in {LAYER_CONTROL}"),
+    (r"choose the output to explain with output= one of (.*?)\.?$",
+     r"the app explains a single tensor of class scores (lumos explain --output picks one of \1)."),
+    (r"choose the output to explain with output=<index>\.?$",
+     "the app explains a single tensor of class scores (lumos explain --output INDEX picks one)."),
+    (r"pass output= to select a tensor\.?$", "the app explains a single tensor of class scores."),
+    (r"give grid=\(rows, columns\) \(and prefix=\)\.?$",
+     "the app cannot set the patch grid (lumos explain can: --set grid=ROWS,COLS --set prefix=N)."),
+    (r"max_channels=(\d+) masks", r"\1 masks (Score-CAM most masks)"),
+    (r"max_steps=(\d+) points", r"\1 points (4 x IG steps)"),
+    (r"\s*\(CLI: --set [^)]*\)", ""),
+)
+
+
+def app_wording(message: str) -> str:
+    """A library message as the page shows it: hints that name a keyword argument or a command-line option
+    (``use method='gradcam' instead``, ``pass layer= explicitly``) name the page's control instead (``choose
+    Grad-CAM in Methods instead``). The library's own messages stay as they are, for its Python callers."""
+    for pattern, repl in _APP_WORDING:
+        message = re.sub(pattern, repl, message)
+    return message
+
+
 def describe_error(err: BaseException) -> str:
-    """A short message for the page: the LumosError text, or the exception type and first line."""
+    """A short message for the page: the LumosError text (hints as the page's controls: ``app_wording``), or the
+    exception type and first line."""
     if isinstance(err, LumosError):
-        return str(err)
+        return app_wording(str(err))
     first = (str(err).strip().splitlines() or [""])[0]
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
@@ -500,7 +534,7 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
         layer=layer_name,
         pixel=ex.kind == "pixel",
         params={k: v for k, v in ex.params.items() if isinstance(v, str | int | float | bool | None)},
-        shortfall="; ".join(s.caption() for s in short) or None,
+        shortfall=app_wording("; ".join(s.caption() for s in short)) or None,
     )
 
 

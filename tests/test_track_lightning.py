@@ -202,3 +202,51 @@ def test_lightning_callback_closes_the_logger_at_exit_unless_closed_before(monke
     LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
                                     sinks=[MemorySink()]), close=False)
     assert registered == []
+
+
+@pytest.mark.parametrize("how", ["configure_callbacks", "append"])
+def test_two_callbacks_with_one_prefix_stop_fit_at_the_start(how):
+    """Lightning refuses two callbacks with one state_key only in Trainer(callbacks=[...]); added through
+    configure_callbacks or trainer.callbacks, both used to log under the same tags and the checkpoint kept one
+    count. Now fit stops at the start with one line naming the prefix."""
+    from lumos.errors import LumosError
+
+    data = make_dataset(16, size=32, seed=5)
+    sinks = [MemorySink(), MemorySink()]
+    loggers = [ExplanationLogger(data.images[:2], data.labels[:2], layer="net.features.block4", sinks=[s])
+               for s in sinks]
+    callbacks = [LumosCallback(lg) for lg in loggers]
+
+    class Configured(Module):
+        def configure_callbacks(self):
+            return callbacks if how == "configure_callbacks" else []
+
+    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks[:1] if how == "append" else [], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", devices=1)
+    if how == "append":
+        trainer.callbacks.append(callbacks[1])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=8)
+    with pytest.raises(LumosError, match=r"Two LumosCallbacks log with prefix='lumos': .* give each "
+                                         r"ExplanationLogger its own prefix=") as err:
+        trainer.fit(Configured(), loader)
+    assert "\n" not in str(err.value)
+    assert sinks[0].images == sinks[1].images == {}
+
+
+def test_two_callbacks_with_their_own_prefixes_log_and_checkpoint_apart(tmp_path):
+    data = make_dataset(16, size=32, seed=5)
+    sink = MemorySink()  # one sink for both, as with Lightning's own TensorBoard writer
+    callbacks = [LumosCallback(ExplanationLogger(data.images[:1], data.labels[:1], layer="net.features.block4",
+                                                 sinks=[sink], prefix=p, every_n_epochs=k))
+                 for p, k in (("every", 1), ("second", 2))]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data.images, data.labels), batch_size=8)
+    trainer = pl.Trainer(max_epochs=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(Module(), loader)
+    assert {t: [s for s, _, _ in v] for t, v in sink.images.items()} == {"every/gradcam/00": [0, 1],
+                                                                        "second/gradcam/00": [1]}
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(tmp_path / "c.ckpt", weights_only=False)["callbacks"]
+    assert sorted(k for k in saved if k.startswith("LumosCallback")) == [
+        "LumosCallback{'prefix': 'every'}", "LumosCallback{'prefix': 'second'}"]

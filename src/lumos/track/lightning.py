@@ -21,7 +21,8 @@ class LumosCallback(Callback):
     accumulation) and at the end of every ``logger.every_n_epochs``-th training epoch. The epoch-end step is the
     epoch (``step="epoch"``) or the global step (``step="global_step"``); the default (``None``) is the global
     step when the logger also logs every N steps, so one tag never mixes two x-axes. A step already logged is not
-    logged again. Only the global-rank-zero process logs.
+    logged again. Only the global-rank-zero process logs. Two callbacks in one ``Trainer`` need loggers with different
+    ``prefix=`` (their tags and checkpoint state are named by it): the same prefix stops ``fit`` at the start.
 
     Steps never go back, as the sinks (one TensorBoard folder, one W&B run) are shared by every ``fit`` with this
     callback: the step is ``trainer.global_step`` (the epoch ``trainer.current_epoch``) plus an offset, 0 unless
@@ -63,6 +64,16 @@ class LumosCallback(Callback):
         for axis, value in state_dict.get("done", {}).items():
             if axis in self.done:
                 self.done[axis] = max(self.done[axis], int(value))
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        # Trainer(callbacks=[...]) refuses two of them itself (RuntimeError: state_key must be unique); callbacks
+        # from configure_callbacks or trainer.callbacks.append are not checked by Lightning
+        prefix = self.logger.prefix
+        if any(isinstance(cb, LumosCallback) and cb is not self and cb.logger.prefix == prefix
+               for cb in trainer.callbacks):
+            raise LumosError(f"Two LumosCallbacks log with prefix={prefix!r}: they would write the same tags and "
+                             "share one checkpoint state; give each ExplanationLogger its own prefix= (e.g. "
+                             "prefix='lumos_val').")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         # the trainer's counts here are after a checkpoint was restored; below this callback's: shift them up

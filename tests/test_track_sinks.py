@@ -154,6 +154,38 @@ def test_mlflow_local_file_store(tmp_path, data, monkeypatch):
     assert sorted(m.step for m in hist) == [0, 1]
 
 
+
+def test_mlflow_writes_the_picture_and_mlflows_own_thumbnail_per_tag_and_step(tmp_path, data):
+    """MLflow's log_image(key=, step=) writes two files per picture: the PNG, pixel for pixel the logged picture
+    (caption drawn in), and a '+compressed.webp' copy at most 256 px, which the MLflow UI's image chart shows;
+    nothing else (no caption or json file) per picture. docs/tracking.md says why both stay."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from lumos.track import MemorySink
+
+    memory = MemorySink()
+    sink = MlflowSink(tracking_uri=tmp_path.as_uri(), experiment="files")
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], methods=["gradcam", "features"],
+                               layer="features.block4", sinks=[sink, memory], display_size=160)
+    logger.log(TinyCNN(), 3)
+    logger.close()
+    client = MlflowClient(tracking_uri=tmp_path.as_uri())
+    files = sorted(f.path for f in client.list_artifacts(sink.run_id, "images"))
+    assert len(files) == 2 * len(memory.images)
+    for tag, [(_, picture, _)] in memory.images.items():
+        stem = tag.replace("/", "~") + "+step+3+"
+        mine = [f for f in files if f.startswith(f"images/{stem}")]
+        assert len(mine) == 2, mine
+        png, webp = sorted(mine, key=lambda f: f.endswith(".webp"))
+        assert png.endswith(".png") and webp == png[:-4] + "+compressed.webp"
+        full = Image.open(client.download_artifacts(sink.run_id, png, str(tmp_path / "dl")))
+        assert np.array_equal(np.asarray(full.convert("RGB")), np.asarray(picture))
+        thumb = Image.open(client.download_artifacts(sink.run_id, webp, str(tmp_path / "dl")))
+        assert max(thumb.size) == 256 and thumb.format == "WEBP"
+
+
 def test_wandb_own_run_says_once_when_a_step_goes_back(wandb_env, data, caplog):
     import logging
 

@@ -248,6 +248,9 @@ def test_model_choice_in_the_page(monkeypatch):
     box = at.selectbox(key="model")
     assert box.options[0] == "nets:GapNet (size 32) [command line]"
     assert box.options[1:] == lumos.zoo.models()
+    # a CNN: the attention methods are left out of Methods, and a line under it says why
+    assert "Attention rollout" not in at.multiselect(key="methods").options
+    assert any(c.value.startswith("Attention rollout and Gradient-weighted rollout are not") for c in at.caption)
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
     assert _top5(at)[0][0].startswith("class ") and any(c.startswith("Grad-CAM @ features") for c in _images(at))
@@ -542,3 +545,23 @@ def test_a_shortfall_caption_names_the_apps_setting_not_the_keyword():
     res = logic.run_method(bundle, image, "scorecam", None, "0", {"max_channels": 8, "tolerance": 1e-6})
     assert res.shortfall is not None and "stopped at 8 masks (Score-CAM most masks)" in res.shortfall, res.shortfall
     assert "max_channels" not in res.shortfall and "--set" not in res.shortfall
+
+
+def test_attention_methods_are_offered_only_for_a_model_with_attention():
+    """Rollouts read a transformer's attention: withheld (with the reason) for a CNN, offered for a ViT."""
+    from lumos.synthetic.vit import load_tinyvit
+
+    attention = [m for m in lumos.methods() if logic.is_attention_method(m)]
+    assert set(attention) == {"rollout", "grad_rollout"}
+    cnn = _bundle(_no_gap_head())
+    assert not logic.has_attention(cnn)
+    offered, withheld = logic.offered_methods(False)
+    assert sorted(withheld) == sorted(attention) and not set(attention) & set(offered) and offered[0] == "gradcam"
+    assert logic.withheld_note(withheld) == ("Attention rollout and Gradient-weighted rollout are not offered: they "
+                                             "need attention layers (a vision transformer), and this model has none.")
+    vit = _bundle(load_tinyvit(), size=64)
+    assert logic.has_attention(vit)
+    offered, withheld = logic.offered_methods(True)
+    assert set(attention) <= set(offered) and withheld == [] and logic.withheld_note(withheld) == ""
+    res = logic.run_method(vit, Image.new("RGB", (64, 64), (200, 40, 40)), "rollout", None)  # and it works there
+    assert res.map.shape == (64, 64) and np.any(res.map)

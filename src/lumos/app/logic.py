@@ -347,6 +347,45 @@ def available_methods() -> list[str]:
     return sorted(names, key=lambda n: (n != "gradcam", n))
 
 
+def is_attention_method(method: str) -> bool:
+    """True for the methods that read a transformer's attention (attention rollout, gradient rollout)."""
+    import lumos
+    from lumos.methods.attention import AttentionMethod
+
+    return issubclass(lumos.method_class(method), AttentionMethod)
+
+
+def has_attention(bundle) -> bool:
+    """True if one forward of the model makes a self-attention call that ``lumos.attention.capture_attention`` records:
+    the test the attention methods themselves apply (a CNN makes none, and they fail on it)."""
+    from lumos.attention import capture_attention
+    from lumos.capture import model_guard
+
+    x = model_input(bundle, Image.new("RGB", (224, 224), (128, 128, 128)))
+    with model_guard(bundle.model), torch.no_grad(), capture_attention(bundle.model) as rec:
+        bundle.model(x)
+    return bool(rec.probs)
+
+
+def offered_methods(attention: bool) -> tuple[list[str], list[str]]:
+    """(offered, withheld): ``available_methods`` with the attention methods withheld from a model without
+    attention (``has_attention``), where they can only fail."""
+    names = available_methods()
+    withheld = [] if attention else [m for m in names if is_attention_method(m)]
+    return [m for m in names if m not in withheld], withheld
+
+
+def withheld_note(withheld: Sequence[str]) -> str:
+    """Why the Methods list leaves some out: ``Attention rollout and Gradient-weighted rollout are not offered: they
+    need attention layers (a vision transformer), and this model has none.``"""
+    if not withheld:
+        return ""
+    shown = sorted(display_name(m) for m in withheld)
+    names = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
+    verb, they = ("is", "it needs") if len(shown) == 1 else ("are", "they need")
+    return f"{names} {verb} not offered: {they} attention layers (a vision transformer), and this model has none."
+
+
 def is_pixel_method(method: str) -> bool:
     """True for pixel-space attributions (drawn as saliency maps, not heat-map overlays): the method says so."""
     import lumos

@@ -45,6 +45,11 @@ def get_layers(model_key: str):
 
 
 @st.cache_resource(show_spinner=False)
+def get_attention(model_key: str) -> bool:
+    return logic.has_attention(get_bundle(model_key))
+
+
+@st.cache_resource(show_spinner=False)
 def get_class_names(model_key: str) -> list[str]:
     return logic.class_names(get_bundle(model_key))
 
@@ -151,13 +156,20 @@ except Exception as err:  # a model that fails to load: one message, nothing els
     st.error(f"Could not load the model {config.model}: {logic.describe_error(err)}")
     st.stop()
 
-methods = logic.available_methods()
+try:  # the attention methods only for a model with attention (on a CNN they can only fail)
+    methods, withheld = logic.offered_methods(get_attention(MODEL_KEY))
+except Exception:  # the model does not run on a blank image: offer everything, each method says what fails
+    methods, withheld = logic.available_methods(), []
+if "methods" in st.session_state:  # a method the previous model had and this one lacks
+    st.session_state.methods = [m for m in st.session_state.methods if m in methods]
 
 with st.sidebar:
     model_slot.caption(f"**{bundle.name or config.model}** on {logic.model_device(bundle.model)}")
     st.header("Explanation")
     chosen = st.multiselect("Methods", methods, default=["gradcam"] if "gradcam" in methods else methods[:1],
                             format_func=logic.display_name, key="methods")
+    if withheld:
+        st.caption(logic.withheld_note(withheld))
     try:
         layer_names, auto_layer = get_layers(MODEL_KEY)
     except Exception as err:

@@ -322,3 +322,33 @@ def test_a_multi_output_model_without_a_good_output_is_one_line_naming_output(da
         assert "\n" not in str(err.value)
     with pytest.raises(LumosError, match=r"output= must be an index, a key or a callable .*, not 1\.5\."):
         ExplanationLogger(x, y, output=1.5, sinks=[MemorySink()])
+
+
+class CountingNet(TinyCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_only_rank_zero_logs_in_a_torch_distributed_run(data, monkeypatch):
+    """In a plain DDP loop every rank runs the user's code: logging used to run on every rank, each writing the
+    same tags. Now the other ranks return [] without a forward pass (no real process group: patched)."""
+    import torch.distributed as dist
+
+    sink = MemorySink()
+    logger = ExplanationLogger(data.images[:2], data.labels[:2], layer="features.block4", sinks=[sink])
+    model = CountingNet()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    assert logger.log(model, 0) == []
+    assert model.calls == 0 and sink.images == {} and sink.scalars == {}
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert logger.log(model, 1) == ["lumos/gradcam/00", "lumos/gradcam/01"]
+    assert model.calls > 0 and [s for s, _, _ in sink.images["lumos/gradcam/00"]] == [1]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)  # no process group: get_rank is not asked
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    assert logger.log(model, 2) == ["lumos/gradcam/00", "lumos/gradcam/01"]

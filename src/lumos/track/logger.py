@@ -154,6 +154,7 @@ class ExplanationLogger:
         self.deletion_steps = deletion_steps
         self._adapters: dict[int, KerasAdapter] = {}
         self._close_at_exit = False
+        self._other_rank_said = False
 
     # -- when ----------------------------------------------------------------------------------------
     def due_epoch(self, epoch: int) -> bool:
@@ -190,7 +191,16 @@ class ExplanationLogger:
         Returns the image tags written. The model, its gradients and the RNG streams are left as found. A method
         that cannot explain the model at this step (e.g. ``layer="auto"`` on a torchvision ViT whose head is still
         all zeros) is left out of this step with one warning per reason; it never stops the training.
+
+        Under ``torch.distributed`` (a process group initialised, e.g. a plain DDP loop) only global rank 0 logs: on
+        the other ranks this is a no-op returning ``[]`` (no forward pass, nothing sent to the sinks).
         """
+        rank = _global_rank()
+        if rank != 0:
+            if not self._other_rank_said:
+                self._other_rank_said = True
+                log.debug("lumos.track: rank %d of a torch.distributed run: only rank 0 logs", rank)
+            return []
         net, layer, flayer = self._adapt(model)
         with preserve_rng(), preserve_grads(net):
             items, scalars = self._collect(net, layer, flayer)
@@ -462,6 +472,12 @@ class ExplanationLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _global_rank() -> int:
+    """This process's global rank in an initialised ``torch.distributed`` process group; 0 without one."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _every(name: str, value: int | None) -> int | None:

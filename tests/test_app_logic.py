@@ -109,6 +109,12 @@ def test_upload_predicts_and_explains_then_class_and_method_change(cat_jpeg):
     captions = _images(at)
     assert len(captions) == 3
     assert captions[2].startswith(logic.display_name(second))
+    assert captions[0] == "original: chelsea.jpg"  # 451 x 300: no note
+
+    # a tiny upload: its caption says the model sees it enlarged to its input size
+    _upload(at, "tiny.png", logic.png_bytes(Image.new("RGB", (8, 8), (200, 30, 30))), "image/png")
+    assert not at.exception and not at.error
+    assert _images(at)[0] == "original: tiny.png (8 x 8 px; the model sees it enlarged to 224 x 224)"
 
 
 def test_corrupt_upload_shows_message_not_exception(cat_jpeg):
@@ -565,3 +571,14 @@ def test_attention_methods_are_offered_only_for_a_model_with_attention():
     assert set(attention) <= set(offered) and withheld == [] and logic.withheld_note(withheld) == ""
     res = logic.run_method(vit, Image.new("RGB", (64, 64), (200, 40, 40)), "rollout", None)  # and it works there
     assert res.map.shape == (64, 64) and np.any(res.map)
+
+
+def test_enlargement_note_for_an_image_much_smaller_than_the_model_input():
+    """Either side under a quarter of the model's input (224: under 56 px) gets a note; PIL sizes are (width,
+    height), Preprocess sizes (height, width)."""
+    assert logic.enlargement_note((8, 8), (224, 224)) == " (8 x 8 px; the model sees it enlarged to 224 x 224)"
+    assert logic.enlargement_note((300, 40), (224, 224)) == " (300 x 40 px; the model sees it enlarged to 224 x 224)"
+    assert logic.enlargement_note((56, 56), (224, 224)) == ""  # a quarter exactly: no note
+    assert logic.enlargement_note((451, 300), (224, 224)) == ""
+    assert logic.enlargement_note((20, 20), (64, 200)) == " (20 x 20 px; the model sees it enlarged to 200 x 64)"
+    assert logic.enlargement_note((8, 8), (32, 32)) == ""  # a small model's input: 8 px is a quarter of 32

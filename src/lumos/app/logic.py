@@ -242,6 +242,16 @@ def decode_image(data: bytes, name: str = "upload") -> Image.Image:
             raise ImageError(str(err).replace(str(path), name)) from None
 
 
+def enlargement_note(image_size: tuple[int, int], model_size: tuple[int, int]) -> str:
+    """For the original's caption: ``" (8 x 8 px; the model sees it enlarged to 224 x 224)"`` when either side of the
+    image (``image_size``: PIL's width, height) is under a quarter of the model's input (``model_size``: height,
+    width, as ``Preprocess.size``), so a blurred, blocky map is no surprise; else ``""``."""
+    (w, h), (mh, mw) = image_size, model_size
+    if 4 * w >= mw and 4 * h >= mh:
+        return ""
+    return f" ({w} x {h} px; the model sees it enlarged to {mw} x {mh})"
+
+
 def example_image(name: str) -> bytes:
     """A bundled sample photo (``lumos.io.sample_images``) as PNG bytes."""
     from lumos.io import sample_images

@@ -229,6 +229,7 @@ if len(images) > 1:
 else:
     pick = 0
 image_name, image_hash, image = images[pick]
+original_caption = f"original: {image_name}{logic.enlargement_note(image.size, bundle.preprocess.size)}"
 
 # ---- prediction and class choice (left), explanations (right): all above the fold
 try:
@@ -284,7 +285,7 @@ with right:
     for start in range(0, len(entries), per_row):
         for col, entry in zip(st.columns(per_row), entries[start:start + per_row], strict=False):
             slots[entry] = col.empty()
-    slots["original"].image(image, caption=f"original: {image_name}", width="stretch")
+    slots["original"].image(image, caption=original_caption, width="stretch")
 
     def show(m: str, res) -> None:
         if isinstance(res, str):  # a failure, kept so that an unrelated change does not retry it
@@ -297,7 +298,7 @@ with right:
             st.image(pic, caption=caption, width="stretch")
             with st.container(horizontal=True, gap="small"):
                 if st.button("Enlarge", key=f"big_{m}", type="tertiary", icon=":material/open_in_full:"):
-                    show_large(image, f"original: {image_name}", pic, caption)
+                    show_large(image, original_caption, pic, caption)
                 st.download_button("PNG", lambda pic=pic: logic.png_bytes(pic), f"{stem}_{logic.file_stem(m)}.png",
                                    "image/png", key=f"png_{m}", on_click="ignore", type="tertiary")
                 st.download_button("npy", lambda res=res: logic.npy_bytes(res.raw),

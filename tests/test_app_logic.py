@@ -256,7 +256,7 @@ def test_model_choice_in_the_page(monkeypatch):
     assert box.options[1:] == lumos.zoo.models()
     # a CNN: the attention methods are left out of Methods, and a line under it says why
     assert "Attention rollout" not in at.multiselect(key="methods").options
-    assert any(c.value.startswith("Attention rollout and Gradient-weighted rollout are not") for c in at.caption)
+    assert any(c.value.startswith("Not offered (this model has no attention layers): Attention") for c in at.caption)
     at.button(key="example_chelsea").click().run()
     assert not at.exception and not at.error
     assert _top5(at)[0][0].startswith("class ") and any(c.startswith("Grad-CAM @ features") for c in _images(at))
@@ -563,8 +563,8 @@ def test_attention_methods_are_offered_only_for_a_model_with_attention():
     assert not logic.has_attention(cnn)
     offered, withheld = logic.offered_methods(False)
     assert sorted(withheld) == sorted(attention) and not set(attention) & set(offered) and offered[0] == "gradcam"
-    assert logic.withheld_note(withheld) == ("Attention rollout and Gradient-weighted rollout are not offered: they "
-                                             "need attention layers (a vision transformer), and this model has none.")
+    assert logic.withheld_note(withheld) == ("Not offered (this model has no attention layers): Attention rollout, "
+                                             "Gradient-weighted rollout.")
     vit = _bundle(load_tinyvit(), size=64)
     assert logic.has_attention(vit)
     offered, withheld = logic.offered_methods(True)

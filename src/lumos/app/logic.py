@@ -386,14 +386,11 @@ def offered_methods(attention: bool) -> tuple[list[str], list[str]]:
 
 
 def withheld_note(withheld: Sequence[str]) -> str:
-    """Why the Methods list leaves some out: ``Attention rollout and Gradient-weighted rollout are not offered: they
-    need attention layers (a vision transformer), and this model has none.``"""
+    """Why the Methods list leaves some out, short enough for the sidebar: ``Not offered (this model has no attention
+    layers): Attention rollout, Gradient-weighted rollout.``"""
     if not withheld:
         return ""
-    shown = sorted(display_name(m) for m in withheld)
-    names = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
-    verb, they = ("is", "it needs") if len(shown) == 1 else ("are", "they need")
-    return f"{names} {verb} not offered: {they} attention layers (a vision transformer), and this model has none."
+    return f"Not offered (this model has no attention layers): {', '.join(sorted(map(display_name, withheld)))}."
 
 
 def is_pixel_method(method: str) -> bool:

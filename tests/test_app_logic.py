@@ -582,3 +582,18 @@ def test_enlargement_note_for_an_image_much_smaller_than_the_model_input():
     assert logic.enlargement_note((451, 300), (224, 224)) == ""
     assert logic.enlargement_note((20, 20), (64, 200)) == " (20 x 20 px; the model sees it enlarged to 200 x 64)"
     assert logic.enlargement_note((8, 8), (32, 32)) == ""  # a small model's input: 8 px is a quarter of 32
+
+
+def test_bare_integer_layer_names_read_as_layers():
+    """An nn.Sequential's layers are named "0", "1", ...: the caption read "Grad-CAM @ 2 for horse (7)"; now
+    "Grad-CAM @ layer 2 (MaxPool2d) for horse (7)". Dotted and named layers are unchanged."""
+    model = _no_gap_head()
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    res = logic.run_method(_bundle(model), Image.new("RGB", (32, 32), (90, 120, 30)), "gradcam", 7)
+    assert res.layer == "2"  # auto: the last spatial layer, the max pool
+    assert logic.result_caption(res, cifar[7]) == "Grad-CAM @ layer 2 for horse (7)"  # no model: no class name
+    assert logic.result_caption(res, cifar[7], model) == "Grad-CAM @ layer 2 (MaxPool2d) for horse (7)"
+    assert logic.layer_label("0", model) == "layer 0 (Conv2d)"
+    assert logic.layer_label("features.7", model) == "features.7" and logic.layer_label("_act1") == "_act1"
+    both = logic.MethodResult("gradcam", res.map, res.raw, 7, 0.1, "0, 1", False)
+    assert logic.result_caption(both, None, model) == "Grad-CAM @ layer 0 (Conv2d), layer 1 (ReLU)"

@@ -585,11 +585,22 @@ def run_method(bundle, image: Image.Image, method: str, target: int | None, laye
 
 
 
-def result_caption(result: MethodResult, class_name: str | None = None) -> str:
-    """``Grad-CAM @ layer``, then ``for <class_name> (<index>)`` when given, so a map read on its own (the Enlarge
-    dialog, a screenshot) says which class it explains; and a note when the map is zero everywhere (drawn as
-    nothing: say why)."""
-    caption = f"{display_name(result.method)}{f' @ {result.layer}' if result.layer else ''}"
+def layer_label(name: str, model: torch.nn.Module | None = None) -> str:
+    """A layer name as the page shows it. An ``nn.Sequential`` child's name is a bare index, which reads as a number
+    (``Grad-CAM @ 7 for horse (7)``): it reads ``layer 7 (ReLU)``, with the module's class when ``model`` is given.
+    Other names (``_act1``, ``features.7``) are shown as they are."""
+    if not name.isdigit():
+        return name
+    module = dict(model.named_modules()).get(name) if model is not None else None
+    return f"layer {name}" + (f" ({type(module).__name__})" if module is not None else "")
+
+
+def result_caption(result: MethodResult, class_name: str | None = None, model: torch.nn.Module | None = None) -> str:
+    """``Grad-CAM @ layer`` (``layer_label``), then ``for <class_name> (<index>)`` when given, so a map read on its
+    own (the Enlarge dialog, a screenshot) says which class it explains; and a note when the map is zero everywhere
+    (drawn as nothing: say why)."""
+    layer = ", ".join(layer_label(n, model) for n in result.layer.split(", ")) if result.layer else ""
+    caption = f"{display_name(result.method)}{f' @ {layer}' if layer else ''}"
     if class_name is not None:
         numbered = result.target is not None and class_name != f"class {result.target}"  # no "class 7 (7)"
         caption += f" for {class_name}" + (f" ({result.target})" if numbered else "")

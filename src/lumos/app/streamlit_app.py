@@ -177,8 +177,14 @@ with st.sidebar:
         layer_names, auto_layer = [], "?"
     layer_options = ["auto", *layer_names]
     layered = [logic.display_name(m) for m in chosen if logic.uses_layer(m)]
-    layer = st.selectbox("Layer (CAM methods)", layer_options, key="layer",
-                         format_func=lambda n: f"auto ({auto_layer})" if n == "auto" else n,
+
+    def layer_text(n: str) -> str:  # an nn.Sequential's "7" reads "layer 7 (ReLU)", not as a number
+        return logic.layer_label(n, bundle.model)
+
+    def layer_choice(n: str) -> str:
+        return f"auto ({layer_text(auto_layer)})" if n == "auto" else layer_text(n)
+
+    layer = st.selectbox("Layer (CAM methods)", layer_options, key="layer", format_func=layer_choice,
                          help="Used by " + (", ".join(layered) if layered else "none of the chosen methods")
                          + "; the others ignore it, so changing it recomputes only these.")
     settings: dict[str, dict] = {}
@@ -293,7 +299,7 @@ with right:
             return
         pic = logic.render_result(image, res, colormap, alpha)
         results[m], rendered[m] = res, pic
-        caption = logic.result_caption(res, None if res.target is None else label_of(res.target))
+        caption = logic.result_caption(res, None if res.target is None else label_of(res.target), bundle.model)
         with slots[m].container():
             st.image(pic, caption=caption, width="stretch")
             with st.container(horizontal=True, gap="small"):
@@ -336,14 +342,13 @@ with right:
 # ---- feature maps
 with st.expander("Feature-map browser"):
     fcol1, fcol2 = st.columns([2, 1])
-    f_layer = fcol1.selectbox("Layer", layer_options, key="feature_layer",
-                              format_func=lambda n: f"auto ({auto_layer})" if n == "auto" else n)
+    f_layer = fcol1.selectbox("Layer", layer_options, key="feature_layer", format_func=layer_choice)
     f_n = fcol2.slider("Channels", 4, 64, 16, 4, key="feature_n")
     if st.toggle("Show the most active channels", key="feature_show"):
         try:
             with st.spinner("Recording feature maps ..."):
                 grid, f_name, channels = features(MODEL_KEY, image_hash, f_layer, f_n, image)
-            st.image(grid, caption=f"{f_name}: top {len(channels)} channels by mean activation")
+            st.image(grid, caption=f"{layer_text(f_name)}: top {len(channels)} channels by mean activation")
         except Exception as err:
             st.error(logic.describe_error(err))
 

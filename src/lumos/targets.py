@@ -42,6 +42,9 @@ def select_output(output: object, selector: OutputSpec) -> torch.Tensor:
     if callable(selector):
         output = selector(output)
     elif selector is not None:
+        if isinstance(output, torch.Tensor):  # indexing it would take a batch row, not an output
+            raise TargetError(f"output={selector!r} selects from a tuple, list or dict, but the model returns one "
+                              "tensor: leave output= out.")
         try:
             output = output[selector]  # type: ignore[index]
         except (KeyError, IndexError, TypeError) as err:

@@ -597,3 +597,17 @@ def test_bare_integer_layer_names_read_as_layers():
     assert logic.layer_label("features.7", model) == "features.7" and logic.layer_label("_act1") == "_act1"
     both = logic.MethodResult("gradcam", res.map, res.raw, 7, 0.1, "0, 1", False)
     assert logic.result_caption(both, None, model) == "Grad-CAM @ layer 0 (Conv2d), layer 1 (ReLU)"
+
+
+def test_model_choice_shows_file_names_and_the_full_paths_in_help():
+    """A labels file in a deep folder cut the model choice off after "labels /t": the choice and the caption under it
+    show the file name; the help tooltip has the path as given."""
+    path = "/home/someone/projects/cifar/experiments/2024-05/labels/cifar10_class_names.txt"
+    config = logic.AppConfig(model="nets:seq", size=32, labels=path, weights="runs/7/best.pth")
+    assert logic.model_label(config, config) == ("nets:seq (weights best.pth; size 32; labels cifar10_class_names.txt)"
+                                                 " [command line]")
+    assert logic.model_options(config) == ["weights best.pth", "size 32", "labels cifar10_class_names.txt"]
+    help_text = logic.model_help(logic.model_choices(config))
+    assert f"nets:seq: weights `runs/7/best.pth`; size 32; labels `{path}`" in help_text
+    assert logic.model_label(logic.AppConfig()) == "efficientnet_lite0"
+    assert logic.model_help([logic.AppConfig()]) == "The command line's model and the zoo models."

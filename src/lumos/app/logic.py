@@ -80,13 +80,35 @@ def model_choices(config: AppConfig) -> list[AppConfig]:
     return choices
 
 
+def model_options(config: AppConfig, full_paths: bool = False) -> list[str]:
+    """What the command line gave a model besides its name (``size 32``, ``labels classes.txt``): the weights and
+    labels files by file name only (the sidebar is narrow; a long folder cut the name off), or by the paths given
+    with ``full_paths`` (the help tooltip)."""
+    def text(key: str, value: Any) -> str:
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return str(value) if full_paths or key not in ("weights", "labels") else Path(str(value)).name
+
+    return [f"{k} {text(k, v)}" for k, v in (("weights", config.weights), ("size", config.size), ("mean", config.mean),
+                                             ("std", config.std), ("labels", config.labels)) if v is not None]
+
+
 def model_label(config: AppConfig, first: AppConfig | None = None) -> str:
-    """How a model choice reads in the page: its name, plus what the command line gave it."""
-    extra = [f"{k} {v if not isinstance(v, tuple) else ','.join(map(str, v))}"
-             for k, v in (("weights", config.weights), ("size", config.size), ("mean", config.mean),
-                          ("std", config.std), ("labels", config.labels)) if v is not None]
+    """How a model choice reads in the page: its name, plus what the command line gave it (files by name)."""
+    extra = model_options(config)
     label = config.model + (f" ({'; '.join(extra)})" if extra else "")
     return label + (" [command line]" if first is not None and config == first and extra else "")
+
+
+def model_help(choices: Sequence[AppConfig]) -> str:
+    """The model choice's help tooltip: every choice with options, its files by the full path given."""
+    def shown(option: str) -> str:  # a file path in code style: no Markdown read into its underscores
+        key, _, value = option.partition(" ")
+        return f"{key} `{value}`" if key in ("weights", "labels") else option
+
+    lines = [f"{c.model}: " + "; ".join(map(shown, model_options(c, full_paths=True)))
+             for c in choices if model_options(c)]
+    return "The command line's model and the zoo models." + ("\n\n" + "\n\n".join(lines) if lines else "")
 
 
 def _floats(text: str | None) -> tuple[float, ...] | None:

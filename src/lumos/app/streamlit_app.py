@@ -142,7 +142,8 @@ with st.sidebar:
     choices = logic.model_choices(CONFIG)
     if len(choices) > 1:
         pick_model = st.selectbox("Model", range(len(choices)), key="model", on_change=_reset_model_choices,
-                                  format_func=lambda i: logic.model_label(choices[i], CONFIG))
+                                  format_func=lambda i: logic.model_label(choices[i], CONFIG),
+                                  help=logic.model_help(choices))
     else:
         pick_model = 0
     config = choices[pick_model or 0]
@@ -164,7 +165,8 @@ if "methods" in st.session_state:  # a method the previous model had and this on
     st.session_state.methods = [m for m in st.session_state.methods if m in methods]
 
 with st.sidebar:
-    model_slot.caption(f"**{bundle.name or config.model}** on {logic.model_device(bundle.model)}")
+    model_slot.caption(f"**{bundle.name or config.model}** on {logic.model_device(bundle.model)}"
+                       + "".join(f" · {o}" for o in logic.model_options(config)))  # wraps: nothing cut off
     st.header("Explanation")
     chosen = st.multiselect("Methods", methods, default=["gradcam"] if "gradcam" in methods else methods[:1],
                             format_func=logic.display_name, key="methods")

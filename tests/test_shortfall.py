@@ -95,7 +95,7 @@ def test_the_app_caption_names_the_shortfall(net):
     image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8))
     short = logic.run_method(bundle, image, "scorecam", 0, "features", {"max_channels": 2, "tolerance": 1e-9})
     caption = logic.result_caption(short)
-    assert short.shortfall and ": less exact than asked: it stopped at max_channels=2 masks" in caption
+    assert short.shortfall and ": less exact than asked: it stopped at 2 masks (Score-CAM most masks)" in caption
     exact = logic.run_method(bundle, image, "scorecam", 0, "features", {"max_channels": 512, "tolerance": 0.02})
     assert exact.shortfall is None and "less exact" not in logic.result_caption(exact)
 

@@ -611,3 +611,13 @@ def test_model_choice_shows_file_names_and_the_full_paths_in_help():
     assert f"nets:seq: weights `runs/7/best.pth`; size 32; labels `{path}`" in help_text
     assert logic.model_label(logic.AppConfig()) == "efficientnet_lite0"
     assert logic.model_help([logic.AppConfig()]) == "The command line's model and the zoo models."
+
+
+def test_a_method_error_names_the_method_once():
+    """The slot of a failed method showed 'CAM: CAM needs ...': the library's message already starts with it."""
+    bundle = _bundle(_no_gap_head())
+    with pytest.raises(LumosError) as err:
+        logic.run_method(bundle, Image.new("RGB", (32, 32), (90, 120, 30)), "cam", None)
+    line = logic.method_error("cam", logic.describe_error(err.value))
+    assert line.startswith("CAM ") and not line.startswith("CAM: CAM")
+    assert logic.method_error("gradcam", "Gradients are blocked.") == "Grad-CAM: Gradients are blocked."

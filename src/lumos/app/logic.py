@@ -224,6 +224,13 @@ def describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
+def method_error(method: str, message: str) -> str:
+    """A failed method's line in its slot: ``<display name>: <message>``, without saying the name twice when the
+    message already starts with it ("CAM: CAM needs ..." reads as a stutter)."""
+    name = display_name(method)
+    return message if message.startswith(f"{name} ") or message.startswith(f"{name}:") else f"{name}: {message}"
+
+
 # ---------------------------------------------------------------------------------------------- images
 
 

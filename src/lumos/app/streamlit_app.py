@@ -297,7 +297,7 @@ with right:
 
     def show(m: str, res) -> None:
         if isinstance(res, str):  # a failure, kept so that an unrelated change does not retry it
-            slots[m].error(f"{logic.display_name(m)}: {res}")
+            slots[m].error(logic.method_error(m, res))
             return
         pic = logic.render_result(image, res, colormap, alpha)
         results[m], rendered[m] = res, pic

@@ -175,7 +175,10 @@ class KerasAdapter(nn.Module):
 
 
 def _tap_key(name: str) -> str:
-    return name.replace(".", "_") or "layer"
+    """The tap's module name: the Keras name as ``lumos layers`` shows it (one rule with KerasModule)."""
+    from lumos.zoo.keras_model import module_name
+
+    return module_name(name)
 
 
 def keras_layer(model: Any, name: str) -> Any:

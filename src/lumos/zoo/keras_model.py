@@ -33,7 +33,7 @@ from torch import nn
 
 from lumos.errors import LumosError, ModelLoadError
 
-__all__ = ["KerasModule", "import_keras", "load_keras", "takes_channels_last"]
+__all__ = ["KerasModule", "import_keras", "load_keras", "module_name", "takes_channels_last"]
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ def takes_channels_last(model: Any) -> bool:
     return not (len(shape) == 4 and shape[1] in (1, 3) and shape[3] not in (1, 3))
 
 
-def _module_name(name: str) -> str:
+def module_name(name: str) -> str:
+    """A Keras layer name as a torch module name (``lumos layers`` shows it so): dots, which torch forbids in a
+    module name (``mobilenetv2_1.00_224``), as ``_``."""
     return name.replace(".", "_") or "layer"
 
 
@@ -192,7 +194,7 @@ class KerasModule(nn.Module):
         for layer in model.layers:
             if isinstance(layer, keras.layers.InputLayer):
                 continue
-            name = _module_name(layer.name)
+            name = module_name(layer.name)
             if name in owner._modules or hasattr(owner, name):
                 raise LumosError(f"The Keras layer name '{prefix}{layer.name}' clashes with another name; rename it.")
             tap = _tap_for(layer, keras)
